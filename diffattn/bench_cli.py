@@ -1,0 +1,142 @@
+"""``diffattn bench`` and ``diffattn mask``: one attention shape, every method, side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import registry
+from .benchmark import environment, measure_peak, save_figure, timeit, write_json
+from .ops import BlockMask, block_sparse_attention
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``{"radial.decay_factor": 0.2}`` -> the options of ``radial``; keys without a prefix go to all."""
+    out = {}
+    for key, value in options.items():
+        if "." in key:
+            m, k = key.split(".", 1)
+            if m == method:
+                out[k] = value
+        else:
+            out[key] = value
+    return out
+
+
+def method_block_mask(
+    name: str,
+    grid: tuple[int, int, int],
+    n_text: int = 0,
+    text_position: str | None = None,
+    block_size: int = 128,
+    options: dict[str, Any] | None = None,
+) -> BlockMask:
+    spec = registry.get(name)
+    if spec.block_mask is None:
+        raise ValueError(f"method {name!r} builds no block mask (it is not block-sparse)")
+    config = spec.build_config(_method_options(name, options or {}))
+    return spec.block_mask(config, grid, n_text, text_position, block_size)
+
+
+def method_attention(
+    name: str, grid: tuple[int, int, int], n_text: int, text_position: str | None, options: dict[str, Any]
+) -> tuple[Any, float | None]:
+    """A ``fn(q, k, v)`` for the method at this shape, and its block density when block-sparse."""
+    spec = registry.get(name)
+    config = spec.build_config(_method_options(name, options))
+    if spec.attention is not None:
+        return spec.attention(config, grid, n_text, text_position), None
+    if spec.block_mask is not None:
+        bm = spec.block_mask(config, grid, n_text, text_position, 128)
+        return (lambda q, k, v: block_sparse_attention(q, k, v, bm)), bm.density()
+    raise ValueError(f"method {name!r} cannot be benchmarked on a bare attention shape")
+
+
+def benchmarkable() -> list[str]:
+    return [m.name for m in registry.all_methods() if m.block_mask is not None or m.attention is not None]
+
+
+def run_bench(
+    grid: tuple[int, int, int],
+    heads: int,
+    head_dim: int,
+    n_text: int,
+    text_position: str | None,
+    methods: list[str] | None,
+    options: dict[str, Any],
+    out: Path,
+    dtype: str = "fp32",
+    repeats: int = 3,
+) -> dict[str, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = methods if methods else benchmarkable()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = grid[0] * grid[1] * grid[2] + n_text
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, head_dim, generator=g).to(device, _DTYPES[dtype]) for _ in range(3))
+    rows = []
+    with torch.no_grad():
+        t_dense = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device, repeats)
+        m_dense = measure_peak(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device)
+        rows.append({"method": "dense-sdpa", "seconds": t_dense, "speedup": 1.0, "density": 1.0, "peak_mb": m_dense})
+        print(f"{'dense-sdpa':16s} {t_dense * 1e3:9.2f} ms")
+        for name in names:
+            fn, density = method_attention(name, grid, n_text, text_position, options)
+            t = timeit(lambda fn=fn: fn(q, k, v), device, repeats)
+            mem = measure_peak(lambda fn=fn: fn(q, k, v), device)
+            rows.append({"method": name, "seconds": t, "speedup": t_dense / t, "density": density, "peak_mb": mem})
+            dens = f"density {density:.3f}" if density is not None else ""
+            print(f"{name:16s} {t * 1e3:9.2f} ms  speedup {t_dense / t:5.2f}x  {dens}")
+    result = {
+        "grid": grid,
+        "tokens": n,
+        "heads": heads,
+        "head_dim": head_dim,
+        "dtype": dtype,
+        "environment": environment(),
+        "rows": rows,
+    }
+    write_json(out.with_suffix(".json"), result)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar([r["method"] for r in rows], [r["speedup"] for r in rows])
+    ax.set_ylabel("speedup vs dense SDPA")
+    ax.set_title(f"{n} tokens, {heads} heads x {head_dim}, {dtype}, {environment()['device']}")
+    save_figure(fig, out.with_suffix(".png"))
+    plt.close(fig)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    return result
+
+
+def draw_mask(
+    method: str,
+    grid: tuple[int, int, int],
+    n_text: int,
+    text_position: str | None,
+    block_size: int,
+    options: dict[str, Any],
+    out: Path,
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bm = method_block_mask(method, grid, n_text, text_position if n_text else None, block_size, options)
+    bitmap = bm.effective_bitmap()[0, 0].float().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.imshow(bitmap, cmap="Blues", interpolation="nearest", vmin=0, vmax=1)
+    ax.set_title(f"{method}: grid {grid}, text {n_text}, density {bm.density():.3f}")
+    ax.set_xlabel(f"key block ({block_size} tokens)")
+    ax.set_ylabel("query block")
+    out = out if out.suffix.lower() == ".png" else out.with_suffix(".png")
+    save_figure(fig, out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,118 @@
+"""Timing and memory helpers shared by ``diffattn bench`` and the scripts under ``scripts/``.
+
+Benchmarks measure the methods side by side in one process and write a JSON file and a PNG plot.
+Peak memory is reported as peak RSS on CPU and ``max_memory_allocated`` on GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn: Callable[[], Any], device: torch.device | str = "cpu", repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def measure_peak(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
+    """Peak memory of one call of ``fn`` in MiB: CUDA allocator peak on GPU, RSS high-water mark on CPU.
+
+    On Linux the RSS high-water mark is reset before the call, so the figure belongs to this call
+    (process baseline included); elsewhere it is the process peak so far.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        fn()
+        torch.cuda.synchronize(dev)
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    if _reset_rss_peak():
+        fn()
+        return _vm_hwm_mb()
+    fn()
+    return peak_rss_mb()
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux: ``5 > /proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vm_hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return peak_rss_mb()
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> None:
+    """Save a matplotlib figure atomically as PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def environment() -> dict[str, Any]:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    info = {"torch": torch.__version__, "device": dev, "threads": torch.get_num_threads()}
+    if dev == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

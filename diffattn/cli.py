@@ -1,0 +1,193 @@
+"""The ``diffattn`` command: methods, generate, bench, mask."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ZOO_PREFIX = "zoo:"
+DEFAULT_MODEL = "zoo:sd"
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``["decay_factor=0.2", "dense_timesteps=12"]`` -> ``{"decay_factor": 0.2, "dense_timesteps": 12}``."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"--option expects KEY=VALUE, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        try:
+            options[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            options[key.strip()] = raw
+    return options
+
+
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
+    """A pipeline from ``zoo:NAME``, a local ``save_pretrained`` folder, or a hub id (cached locally)."""
+    if model.startswith(ZOO_PREFIX):
+        from . import zoo
+
+        pipe = zoo.load(model[len(ZOO_PREFIX) :], dtype=dtype)
+    else:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    return pipe.to(device)
+
+
+def _grid_arg(s: str) -> tuple[int, int, int]:
+    parts = [int(p) for p in s.lower().replace("x", ",").split(",") if p]
+    if len(parts) == 2:
+        parts = [1, *parts]
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"grid must be FRAMES,HEIGHT,WIDTH or HEIGHT,WIDTH tokens, got {s!r}")
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def _save_output(out: Any, path: Path) -> list[Path]:
+    """Write images (PNG/JPG, several -> numbered) or frames (GIF/MP4) atomically; returns the paths."""
+    from .io import save_frames, save_images
+
+    frames = getattr(out, "frames", None)
+    if frames is not None:
+        return save_frames(frames[0], path)
+    return save_images(out.images, path)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from . import registry
+
+    for m in registry.all_methods():
+        print(f"{m.name:16s} {m.description}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import diffattn
+
+    options = parse_options(args.option)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    pipe = load_pipeline(args.model, dtype=dtype, device=args.device)
+    call: dict[str, Any] = {}
+    if args.model.startswith(ZOO_PREFIX):
+        from . import zoo
+
+        call.update(zoo.default_call_kwargs(args.model[len(ZOO_PREFIX) :]))
+        call.pop("output_type", None)
+    if args.prompt is not None:
+        call["prompt"] = args.prompt
+    for key in ("height", "width", "num_frames"):
+        if getattr(args, key) is not None:
+            call[key] = getattr(args, key)
+    if args.steps is not None:
+        call["num_inference_steps"] = args.steps
+    call["generator"] = torch.Generator(args.device).manual_seed(args.seed)
+    patch = diffattn.apply(pipe, args.attention, **options) if args.attention != "none" else None
+    t0 = time.perf_counter()
+    out = pipe(**call)
+    wall = time.perf_counter() - t0
+    if patch is not None:
+        patch.remove()
+    paths = _save_output(out, Path(args.out))
+    print(f"attention={args.attention} wall_time_s={wall:.3f} out={','.join(str(p) for p in paths)}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench_cli import run_bench
+
+    run_bench(
+        grid=args.grid,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        n_text=args.text,
+        text_position=args.text_position,
+        methods=args.methods,
+        options=parse_options(args.option),
+        out=Path(args.out),
+        dtype=args.dtype,
+        repeats=args.repeats,
+    )
+    return 0
+
+
+def cmd_mask(args: argparse.Namespace) -> int:
+    from .bench_cli import draw_mask
+
+    path = draw_mask(
+        args.method,
+        grid=args.grid,
+        n_text=args.text,
+        text_position=args.text_position,
+        block_size=args.block_size,
+        options=parse_options(args.option),
+        out=Path(args.out),
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffattn", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("methods", help="list the attention methods").set_defaults(fn=cmd_methods)
+
+    g = sub.add_parser("generate", help="generate with a method applied and print the wall time")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="zoo:NAME, a local pipeline folder, or a hub id")
+    g.add_argument("--attention", default="dense", help="a method from `diffattn methods`, or 'none'")
+    g.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
+    g.add_argument("--prompt", default=None)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--num-frames", dest="num_frames", type=int, default=None)
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--out", required=True, help="PNG/JPG for images, GIF/MP4 for videos")
+    g.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser("bench", help="one attention shape: dense SDPA vs each method (JSON + PNG)")
+    b.add_argument("--grid", type=_grid_arg, default=(8, 16, 16), help="FRAMES,HEIGHT,WIDTH in tokens")
+    b.add_argument("--heads", type=int, default=4)
+    b.add_argument("--head-dim", dest="head_dim", type=int, default=64)
+    b.add_argument("--text", type=int, default=0, help="text tokens in the joint sequence")
+    b.add_argument("--text-position", dest="text_position", choices=["first", "last"], default="last")
+    b.add_argument("--methods", nargs="*", default=None, help="default: every method that can be benchmarked")
+    b.add_argument("--option", action="append", metavar="METHOD.KEY=VALUE")
+    b.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--out", default="outputs/bench/attention", help="path stem for .json and .png")
+    b.set_defaults(fn=cmd_bench)
+
+    m = sub.add_parser("mask", help="draw the block mask a method builds for a shape")
+    m.add_argument("method")
+    m.add_argument("--grid", type=_grid_arg, default=(8, 16, 16), help="FRAMES,HEIGHT,WIDTH in tokens")
+    m.add_argument("--text", type=int, default=0)
+    m.add_argument("--text-position", dest="text_position", choices=["first", "last"], default="last")
+    m.add_argument("--block-size", dest="block_size", type=int, default=128)
+    m.add_argument("--option", action="append", metavar="KEY=VALUE")
+    m.add_argument("--out", default="mask.png")
+    m.set_defaults(fn=cmd_mask)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+        print(f"diffattn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

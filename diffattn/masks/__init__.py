@@ -1,0 +1,1 @@
+"""Pure index math: which query block sees which key block."""

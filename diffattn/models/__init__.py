@@ -1,0 +1,1 @@
+"""New nn.Modules (LaMamba blocks, ROI adapter)."""

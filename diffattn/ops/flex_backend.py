@@ -1,0 +1,114 @@
+"""FlexAttention backend: a diffattn BlockMask turned into a flex BlockMask, run compiled.
+
+The flex block mask is built straight from the bitmap (``BlockMask.from_kv_blocks``), never by
+evaluating a token-level function over all query/key pairs. Kept blocks split into *full* blocks
+(no token check) and *partial* ones (``mask_mod`` evaluated inside the kernel).
+
+``flex_attention`` is compiled once; dynamo then specialises per input shapes and mask signature and
+reuses the kernel on later calls. Eager flex is about 10x slower than dense SDPA on CPU, so it is
+never run silently: if compilation fails the error propagates.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch._dynamo.utils import counters
+
+from .block_mask import BlockMask
+
+# Distinct shapes a long-running process may see (resolutions x frame counts x layers' grids); the
+# dynamo default of 8 would silently drop to eager flex after the eighth.
+_RECOMPILE_LIMIT = 256
+
+
+@dataclass
+class FlexStats:
+    """Compile and cache counters, reported by the benchmarks."""
+
+    compiles: int = 0
+    cache_hits: int = 0
+    compile_seconds: float = 0.0
+    signatures: set = field(default_factory=set)
+
+    def as_dict(self) -> dict:
+        return {"compiles": self.compiles, "cache_hits": self.cache_hits, "compile_seconds": self.compile_seconds}
+
+
+STATS = FlexStats()
+
+
+def available() -> tuple[bool, str]:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:  # pragma: no cover - torch < 2.5
+        return False, "torch.nn.attention.flex_attention needs torch >= 2.5"
+    return True, ""
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False, fullgraph=True)
+
+
+def _ordered(bitmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    num = bitmap.sum(-1, dtype=torch.int32)
+    idx = torch.argsort((~bitmap).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return num.contiguous(), idx.contiguous()
+
+
+def to_flex_block_mask(bm: BlockMask, batch: int, heads: int):
+    """Convert to ``torch.nn.attention.flex_attention.BlockMask`` (cached on ``bm`` per batch/heads)."""
+    from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+
+    key = ("flex", batch, heads)
+    if key not in bm._cache:
+        eff = bm.effective_bitmap()
+        full = bm.full_bitmap()
+        shape_b = max(eff.shape[0], full.shape[0])
+        shape_h = max(eff.shape[1], full.shape[1])
+        eff = eff.expand(shape_b, shape_h, bm.q_blocks, bm.k_blocks)
+        full = (full & eff).expand(shape_b, shape_h, bm.q_blocks, bm.k_blocks)
+        partial = eff & ~full
+        kv_num, kv_idx = _ordered(partial)
+        full_num, full_idx = _ordered(full)
+        bm._cache[key] = FlexBlockMask.from_kv_blocks(
+            kv_num,
+            kv_idx,
+            full_num,
+            full_idx,
+            BLOCK_SIZE=bm.block_size,
+            mask_mod=bm.allowed,
+            seq_lengths=(bm.q_len, bm.kv_len),
+        )
+    return bm._cache[key]
+
+
+def flex_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMask, scale: float | None):
+    if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise NotImplementedError(
+            "FlexAttention has no backward on CPU; use backend='gather' (or 'auto', which picks it) for training"
+        )
+    if not torch.is_grad_enabled():
+        # flex refuses CPU inputs that require grad even under no_grad
+        q, k, v = q.detach(), k.detach(), v.detach()
+    flex_mask = to_flex_block_mask(bm, q.shape[0], q.shape[1])
+    signature = (tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, bm.signature())
+    fn = _compiled_flex()
+    # dynamo's own graph counter tells a real recompile from a cache hit
+    graphs_before = counters["stats"]["unique_graphs"]
+    t0 = time.perf_counter()
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        out = fn(q, k, v, block_mask=flex_mask, scale=scale)
+    if counters["stats"]["unique_graphs"] > graphs_before:
+        STATS.compile_seconds += time.perf_counter() - t0
+        STATS.compiles += 1
+    else:
+        STATS.cache_hits += 1
+    STATS.signatures.add(signature)
+    return out

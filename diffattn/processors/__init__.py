@@ -1,0 +1,10 @@
+"""Diffusers attention processors: the generic core processor and one method family per file.
+
+Importing this package registers the built-in methods.
+"""
+
+from . import dense  # noqa: F401  (registers "dense")
+from .core import CoreAttnProcessor
+from .layout import TokenLayout, dense_core
+
+__all__ = ["CoreAttnProcessor", "TokenLayout", "dense_core"]

@@ -1,0 +1,1 @@
+"""LoRA and adapter training on accelerate + peft."""

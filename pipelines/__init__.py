@@ -1,0 +1,1 @@
+"""Pipelines built on diffattn (regional control, high resolution, LaMamba-Diff)."""

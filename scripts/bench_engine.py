@@ -1,0 +1,204 @@
+"""Dense SDPA vs the block-sparse engine, side by side in one run.
+
+For each sequence length and block density it prints the speedup over dense SDPA, the ideal
+speedup 1/density and the efficiency speedup x density (density of the block mask: blocks are what
+the engine pays for), then times forward + backward at one length (the LoRA training path). Compile
+time, cache hits and peak memory are reported separately. Writes ``OUT.json`` and ``OUT.png``.
+
+    python scripts/bench_engine.py                      # 4k-32k tokens, 4 heads x 64, fp32
+    python scripts/bench_engine.py --lengths 16384 --densities 0.07 0.15 0.3 0.45
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from diffattn.benchmark import environment, measure_peak, save_figure, timeit, write_json
+from diffattn.ops import BlockMask, block_sparse_attention, flex_backend, resolve_backend
+
+
+def pattern_bitmap(n_blocks: int, density: float, pattern: str, seed: int = 0) -> torch.Tensor:
+    """A bitmap with about ``density`` of its blocks kept.
+
+    ``band``: a diagonal band (local attention, the shape radial / Hilbert-local masks mostly have);
+    ``random``: independent blocks plus the diagonal.
+    """
+    if pattern == "band":
+        # a band of half-width w keeps about (2w + 1) / n blocks per row
+        w = max(0, round((density * n_blocks - 1) / 2))
+        i = torch.arange(n_blocks)
+        return (i[:, None] - i[None, :]).abs() <= w
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.rand(n_blocks, n_blocks, generator=g) < density
+    return bits | torch.eye(n_blocks, dtype=torch.bool)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    p.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.07, 0.15, 0.3, 0.45])
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--pattern", choices=["band", "random"], default="band")
+    p.add_argument("--backend", default="auto", choices=["auto", "flex", "gather", "sdpa"])
+    p.add_argument("--backward-length", type=int, default=8192, help="length of the forward + backward run (0: skip)")
+    p.add_argument("--backward-densities", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--out", default="outputs/bench_engine")
+    args = p.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    bs = args.block_size
+    env = environment()
+    print(f"device={env['device']} torch={env['torch']} threads={env['threads']} pattern={args.pattern}")
+    forward_rows, backward_rows = [], []
+
+    def qkv(n: int, grad: bool = False):
+        g = torch.Generator().manual_seed(0)
+        ts = [torch.randn(1, args.heads, n, args.head_dim, generator=g).to(device, dtype) for _ in range(3)]
+        return [t.requires_grad_(grad) for t in ts]
+
+    bar = tqdm(total=len(args.lengths) * len(args.densities), desc="forward")
+    for n in args.lengths:
+        q, k, v = qkv(n)
+        nb = math.ceil(n / bs)
+        with torch.no_grad():
+            dense = lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
+            t_dense = timeit(dense, device, args.repeats)
+            mem_dense = measure_peak(dense, device)
+            for target in args.densities:
+                bm = BlockMask(pattern_bitmap(nb, target, args.pattern), n, n, bs)
+                density = bm.density()
+                backend = resolve_backend(q, k, v, bm, args.backend)
+                before = flex_backend.STATS.as_dict()
+                fn = lambda bm=bm, q=q, k=k, v=v: block_sparse_attention(q, k, v, bm, backend=args.backend)  # noqa: E731
+                t_first = timeit(fn, device, repeats=1, warmup=0)  # includes compiling, if any
+                compiled = flex_backend.STATS.compiles - before["compiles"]
+                mid = flex_backend.STATS.compiles
+                t = timeit(fn, device, args.repeats, warmup=0)
+                recompiled = flex_backend.STATS.compiles > mid
+                mem = measure_peak(fn, device)
+                row = {
+                    "tokens": n,
+                    "target_density": target,
+                    "density": density,
+                    "backend": backend,
+                    "dense_s": t_dense,
+                    "sparse_s": t,
+                    "speedup": t_dense / t,
+                    "ideal": 1 / density,
+                    "efficiency": t_dense / t * density,
+                    "first_call_s": t_first,
+                    "compiles": compiled,
+                    "recompiled_on_repeat": recompiled,
+                    "peak_mb_dense": mem_dense,
+                    "peak_mb_sparse": mem,
+                }
+                forward_rows.append(row)
+                bar.update(1)
+                tqdm.write(
+                    f"n={n:6d} density={density:.3f} backend={backend:6s} dense={t_dense * 1e3:8.1f}ms "
+                    f"sparse={t * 1e3:8.1f}ms speedup={row['speedup']:5.2f}x ideal={row['ideal']:5.2f}x "
+                    f"efficiency={row['efficiency']:.2f} first_call={t_first:.2f}s compiles={compiled} "
+                    f"recompiled_on_repeat={recompiled} peak_mb dense={mem_dense:.0f} sparse={mem:.0f}"
+                )
+    bar.close()
+
+    if args.backward_length:
+        n = args.backward_length
+        q, k, v = qkv(n, grad=True)
+        grad_out = torch.randn_like(q)
+        nb = math.ceil(n / bs)
+
+        def dense_fb():
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            torch.autograd.grad(o, (q, k, v), grad_out)
+
+        t_dense = timeit(dense_fb, device, args.repeats)
+        mem_dense = measure_peak(dense_fb, device)
+        for target in args.backward_densities:
+            bm = BlockMask(pattern_bitmap(nb, target, args.pattern), n, n, bs)
+            density = bm.density()
+            backend = resolve_backend(q, k, v, bm, args.backend)
+
+            def sparse_fb(bm=bm):
+                o = block_sparse_attention(q, k, v, bm, backend=args.backend)
+                torch.autograd.grad(o, (q, k, v), grad_out)
+
+            t = timeit(sparse_fb, device, args.repeats)
+            mem = measure_peak(sparse_fb, device)
+            row = {
+                "tokens": n,
+                "density": density,
+                "backend": backend,
+                "dense_s": t_dense,
+                "sparse_s": t,
+                "speedup": t_dense / t,
+                "ideal": 1 / density,
+                "efficiency": t_dense / t * density,
+                "peak_mb_dense": mem_dense,
+                "peak_mb_sparse": mem,
+            }
+            backward_rows.append(row)
+            print(
+                f"fwd+bwd n={n} density={density:.3f} backend={backend} dense={t_dense * 1e3:.1f}ms "
+                f"sparse={t * 1e3:.1f}ms speedup={row['speedup']:.2f}x efficiency={row['efficiency']:.2f} "
+                f"peak_mb dense={mem_dense:.0f} sparse={mem:.0f}"
+            )
+
+    stats = flex_backend.STATS.as_dict()
+    print(f"flex compiles={stats['compiles']} cache_hits={stats['cache_hits']} compile_s={stats['compile_seconds']:.1f}")
+    out = Path(args.out)
+    write_json(
+        out.with_suffix(".json"),
+        {
+            "environment": env,
+            "args": vars(args),
+            "forward": forward_rows,
+            "forward_backward": backward_rows,
+            "flex": stats,
+        },
+    )
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for n in args.lengths:
+        rows = [r for r in forward_rows if r["tokens"] == n]
+        axes[0].plot([r["density"] for r in rows], [r["speedup"] for r in rows], "o-", label=f"{n} tokens")
+        axes[1].plot([r["density"] for r in rows], [r["efficiency"] for r in rows], "o-", label=f"{n} tokens")
+    dens = sorted({r["density"] for r in forward_rows})
+    axes[0].plot(dens, [1 / d for d in dens], "k--", label="ideal 1/density")
+    if backward_rows:
+        axes[0].plot(
+            [r["density"] for r in backward_rows],
+            [r["speedup"] for r in backward_rows],
+            "s:",
+            label=f"fwd+bwd {args.backward_length}",
+        )
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("block density")
+    axes[0].set_ylabel("speedup vs dense SDPA")
+    axes[0].legend(fontsize=7)
+    axes[1].axhline(0.85, color="k", ls="--", lw=0.8)
+    axes[1].set_xlabel("block density")
+    axes[1].set_ylabel("efficiency = speedup x density")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"block-sparse engine ({args.backend}, {args.pattern}) on {env['device']}, {args.dtype}")
+    save_figure(fig, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
