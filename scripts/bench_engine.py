@@ -46,7 +46,10 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--pattern", choices=["band", "random"], default="band")
-    p.add_argument("--backend", default="auto", choices=["auto", "flex", "gather", "sdpa"])
+    p.add_argument(
+        "--backends", nargs="+", default=["flex", "gather"], choices=["auto", "flex", "gather", "sdpa"],
+        help="engine backends timed side by side (forward); the backward uses 'auto'",
+    )
     p.add_argument("--backward-length", type=int, default=8192, help="length of the forward + backward run (0: skip)")
     p.add_argument("--backward-densities", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     p.add_argument("--repeats", type=int, default=3)
@@ -66,7 +69,7 @@ def main() -> None:
         ts = [torch.randn(1, args.heads, n, args.head_dim, generator=g).to(device, dtype) for _ in range(3)]
         return [t.requires_grad_(grad) for t in ts]
 
-    bar = tqdm(total=len(args.lengths) * len(args.densities), desc="forward")
+    bar = tqdm(total=len(args.lengths) * len(args.densities) * len(args.backends), desc="forward")
     for n in args.lengths:
         q, k, v = qkv(n)
         nb = math.ceil(n / bs)
@@ -74,12 +77,12 @@ def main() -> None:
             dense = lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
             t_dense = timeit(dense, device, args.repeats)
             mem_dense = measure_peak(dense, device)
-            for target in args.densities:
+            for target, requested in [(t, b) for t in args.densities for b in args.backends]:
                 bm = BlockMask(pattern_bitmap(nb, target, args.pattern), n, n, bs)
                 density = bm.density()
-                backend = resolve_backend(q, k, v, bm, args.backend)
+                backend = resolve_backend(q, k, v, bm, requested)
                 before = flex_backend.STATS.as_dict()
-                fn = lambda bm=bm, q=q, k=k, v=v: block_sparse_attention(q, k, v, bm, backend=args.backend)  # noqa: E731
+                fn = lambda bm=bm, q=q, k=k, v=v, b=requested: block_sparse_attention(q, k, v, bm, backend=b)  # noqa: E731
                 t_first = timeit(fn, device, repeats=1, warmup=0)  # includes compiling, if any
                 compiled = flex_backend.STATS.compiles - before["compiles"]
                 mid = flex_backend.STATS.compiles
@@ -90,6 +93,7 @@ def main() -> None:
                     "tokens": n,
                     "target_density": target,
                     "density": density,
+                    "requested": requested,
                     "backend": backend,
                     "dense_s": t_dense,
                     "sparse_s": t,
@@ -127,10 +131,10 @@ def main() -> None:
         for target in args.backward_densities:
             bm = BlockMask(pattern_bitmap(nb, target, args.pattern), n, n, bs)
             density = bm.density()
-            backend = resolve_backend(q, k, v, bm, args.backend)
+            backend = resolve_backend(q, k, v, bm, "auto")
 
             def sparse_fb(bm=bm):
-                o = block_sparse_attention(q, k, v, bm, backend=args.backend)
+                o = block_sparse_attention(q, k, v, bm, backend="auto")
                 torch.autograd.grad(o, (q, k, v), grad_out)
 
             t = timeit(sparse_fb, device, args.repeats)
@@ -175,9 +179,11 @@ def main() -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for n in args.lengths:
-        rows = [r for r in forward_rows if r["tokens"] == n]
-        axes[0].plot([r["density"] for r in rows], [r["speedup"] for r in rows], "o-", label=f"{n} tokens")
-        axes[1].plot([r["density"] for r in rows], [r["efficiency"] for r in rows], "o-", label=f"{n} tokens")
+        for b in args.backends:
+            rows = [r for r in forward_rows if r["tokens"] == n and r["requested"] == b]
+            label = f"{n} tokens, {b}"
+            axes[0].plot([r["density"] for r in rows], [r["speedup"] for r in rows], "o-", label=label)
+            axes[1].plot([r["density"] for r in rows], [r["efficiency"] for r in rows], "o-", label=label)
     dens = sorted({r["density"] for r in forward_rows})
     axes[0].plot(dens, [1 / d for d in dens], "k--", label="ideal 1/density")
     if backward_rows:
@@ -195,7 +201,7 @@ def main() -> None:
     axes[1].set_xlabel("block density")
     axes[1].set_ylabel("efficiency = speedup x density")
     axes[1].legend(fontsize=7)
-    fig.suptitle(f"block-sparse engine ({args.backend}, {args.pattern}) on {env['device']}, {args.dtype}")
+    fig.suptitle(f"block-sparse engine ({args.pattern} masks) on {env['device']}, {args.dtype}")
     save_figure(fig, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .block_mask import BlockMask
 
 # Bytes of gathered key/value blocks per chunk; bounds peak memory on long sequences without grad.
-_CHUNK_BYTES = 128 * 2**20
+_CHUNK_BYTES = 64 * 2**20
 
 
 def _pad_rows(x: torch.Tensor, bs: int) -> torch.Tensor:
@@ -25,6 +25,10 @@ def _pad_rows(x: torch.Tensor, bs: int) -> torch.Tensor:
     if pad:
         x = F.pad(x, (0, 0, 0, pad))
     return x.reshape(-1, bs, x.shape[-1])
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def gather_attention(
@@ -51,6 +55,16 @@ def gather_attention(
     sorted_keys = group_key[order].tolist()
 
     qf, kf, vf = _pad_rows(q, bs), _pad_rows(k, bs), _pad_rows(v, bs)
+    # Without autograd the gathered blocks are scratch: one buffer reused by every chunk. Freshly
+    # allocated large tensors are paid for in page faults on first touch, which on CPU cost as much as
+    # the attention itself; with autograd each chunk's gather must live on for the backward.
+    reuse = not _needs_grad(q, k, v)
+    block_elems = bs * dim
+    workspace = None
+    if reuse:
+        max_blocks = max(1, _CHUNK_BYTES // (2 * block_elems * k.element_size()))
+        total_blocks = int(counts.sum())
+        workspace = k.new_empty(2, min(max_blocks, max(total_blocks, 1)), bs, dim)
     outs, rows_done = [], []
     pos, n_rows = 0, len(sorted_keys)
     while pos < n_rows:
@@ -67,8 +81,13 @@ def gather_attention(
         idx = torch.argsort((~eff[rows]).to(torch.int8), dim=-1, stable=True)[:, :m]  # kept blocks
         bh = rows // qb_n  # (batch * heads) index of each row
         flat = (bh[:, None] * kb_n + idx).reshape(-1)
-        kc = kf.index_select(0, flat).view(len(rows), 1, m * bs, dim)
-        vc = vf.index_select(0, flat).view(len(rows), 1, m * bs, dim)
+        if workspace is not None and flat.numel() <= workspace.shape[1]:
+            kc = torch.index_select(kf, 0, flat, out=workspace[0, : flat.numel()])
+            vc = torch.index_select(vf, 0, flat, out=workspace[1, : flat.numel()])
+        else:
+            kc, vc = kf.index_select(0, flat), vf.index_select(0, flat)
+        kc = kc.view(len(rows), 1, m * bs, dim)
+        vc = vc.view(len(rows), 1, m * bs, dim)
         qc = qf.index_select(0, rows)[:, None]
 
         mask, empty = None, None
