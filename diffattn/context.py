@@ -103,6 +103,7 @@ def _pair(p: Any) -> tuple[int, int, int]:
 
 def record_grid(ctx: AttentionContext, model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     """Fill grid and text facts from a denoiser's forward arguments."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper: the facts are on the model
     name = type(model).__name__
     ctx.model = name
     x = _arg(args, kwargs, "hidden_states", 0)

@@ -28,6 +28,8 @@ def pattern_bitmap(n_blocks: int, density: float, pattern: str, seed: int = 0) -
     ``band``: a diagonal band (local attention, the shape radial / Hilbert-local masks mostly have);
     ``random``: independent blocks plus the diagonal.
     """
+    if density >= 1.0:  # the full mask: what each backend's kernel costs against dense SDPA itself
+        return torch.ones(n_blocks, n_blocks, dtype=torch.bool)
     if pattern == "band":
         # a band of half-width w keeps about (2w + 1) / n blocks per row
         w = max(0, round((density * n_blocks - 1) / 2))
@@ -41,7 +43,10 @@ def pattern_bitmap(n_blocks: int, density: float, pattern: str, seed: int = 0) -
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
-    p.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.07, 0.15, 0.3, 0.45])
+    p.add_argument(
+        "--densities", type=float, nargs="+", default=[0.05, 0.07, 0.15, 0.3, 0.45, 1.0],
+        help="target block densities; 1.0 is the full mask, the ceiling of each backend's efficiency",
+    )
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--block-size", type=int, default=128)

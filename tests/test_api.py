@@ -246,3 +246,16 @@ def test_user_hooks_survive_restore(pipes):
         assert calls, "a hook the user installed must stay"
     finally:
         handle.remove()
+
+
+def test_coexists_with_attention_backend(pipes):
+    """diffusers' own backend selection stays on the restored processors (they are the same objects)."""
+    pipe = zoo.load("wan")
+    pipe.transformer.set_attention_backend("native")
+    base = _run(pipe, "wan")
+    backends = {k: getattr(p, "_attention_backend", None) for k, p in _processors(pipe).items()}
+    assert any(b is not None for b in backends.values())
+    with diffattn.apply(pipe, "dense"):
+        np.testing.assert_allclose(_run(pipe, "wan"), base, atol=2e-4, rtol=0)
+    assert {k: getattr(p, "_attention_backend", None) for k, p in _processors(pipe).items()} == backends
+    assert np.array_equal(_run(pipe, "wan"), base)
