@@ -100,6 +100,37 @@ def test_gather_matches_reference_forward_and_grad(name, n, m, bs, make):
         assert (a - b).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("name,n,m,bs,make", CASES, ids=[c[0] for c in CASES])
+def test_gather_inference_path_matches_reference(name, n, m, bs, make):
+    """Without autograd, rows made of one contiguous run of blocks read keys in place (strided views)."""
+    bm = make()
+    q, k, v = _qkv(2, 2, n, m, 16)
+    with torch.no_grad():
+        out = block_sparse_attention(q, k, v, bm, backend="gather")
+    assert (out - _dense_masked(q, k, v, bm.to_dense(2, 2))).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "bitmap",
+    [
+        _band(12, 12, 2),  # interior rows: one progression per head
+        torch.ones(6, 6, dtype=torch.bool),  # every row the same run: stride 0
+        torch.tril(torch.ones(6, 6, dtype=torch.bool)),  # runs of growing length from block 0
+        torch.tensor([[1, 1, 0, 1], [0, 1, 1, 0], [1, 0, 0, 1], [0, 0, 1, 1]], dtype=torch.bool),  # mixed
+    ],
+    ids=["band", "full", "causal", "mixed"],
+)
+def test_contiguous_run_views_on_non_contiguous_inputs(bitmap):
+    qb, kb = bitmap.shape
+    q, k, v = _qkv(2, 3, qb * 32, kb * 32, 16)
+    # processors hand the engine (batch, tokens, heads, dim) tensors transposed: not contiguous
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    bm = BlockMask(bitmap, qb * 32, kb * 32, 32)
+    with torch.no_grad():
+        out = block_sparse_attention(q, k, v, bm, backend="gather")
+    assert (out - _dense_masked(q, k, v, bm.to_dense(2, 3))).abs().max() <= 1e-5
+
+
 def test_structure_is_respected():
     """Changing a key the mask hides changes nothing; changing a visible one changes the output."""
     bm = BlockMask(_band(4, 4, 0), 128, 128, 32)
@@ -165,7 +196,10 @@ def test_auto_backend_choice():
     q, k, v = _qkv(1, 1, 256, 256, 8, grad=True)
     assert resolve_backend(q, k, v, bm) == "gather"  # CPU + grad: flex has no CPU backward
     with torch.no_grad():
-        assert resolve_backend(q, k, v, bm) == "flex"
+        # a band: every row one contiguous run, read in place by gather
+        assert resolve_backend(q, k, v, bm) == "gather"
+        scattered = BlockMask(torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1]] * 2).bool(), 256, 256, 64)
+        assert resolve_backend(q, k, v, scattered) == "flex"
     one = BlockMask(torch.ones(1, 1, dtype=torch.bool), 32, 32, 64)
     q1, k1, v1 = _qkv(1, 1, 32, 32, 8)
     assert resolve_backend(q1, k1, v1, one) == "gather"

@@ -1,11 +1,16 @@
 """Block-sparse attention in plain torch: each query block attends to its gathered key blocks.
 
 This is the engine's sparse path with autograd on every device (FlexAttention has no backward on CPU).
-Every (batch, head, query block) is a *row* with its own list of kept key blocks. Rows are grouped
-by how many blocks they keep, so no row is ever padded. Each chunk gathers its key/value blocks with
-``index_select`` and runs the fused ``scaled_dot_product_attention`` kernel on them, so the score
-matrix is never materialised and the backward is the fused kernel's own. Work and memory scale with
-the number of kept blocks, never with ``q_len x kv_len``.
+Every (batch, head, query block) is a *row* with its own list of kept key blocks, and every row runs
+through the fused ``scaled_dot_product_attention`` kernel, so the score matrix is never materialised
+and the backward is the fused kernel's own. Work and memory scale with the number of kept blocks,
+never with ``q_len x kv_len``.
+
+- Without autograd, rows whose kept blocks form one contiguous run (bands, local windows) read their
+  keys in place through strided views; rows with identical runs share one long query.
+- Other rows are grouped by how many blocks they keep (no row is ever padded), their key/value blocks
+  gathered with ``index_select`` into a reused workspace, and token-level checks applied only to rows
+  that need them.
 """
 
 from __future__ import annotations
@@ -31,6 +36,93 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _run_rows(eff: torch.Tensor, counts: torch.Tensor, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (of a ``(rows, k_blocks)`` bitmap) whose kept blocks are one contiguous run, and run starts."""
+    kb_n = eff.shape[-1]
+    first = eff.to(torch.int8).argmax(-1)
+    last = kb_n - 1 - eff.flip(-1).to(torch.int8).argmax(-1)
+    return (counts > 0) & ~partial & (last - first + 1 == counts), first
+
+
+def contiguous_run_fraction(bm: BlockMask) -> float:
+    """Fraction of the kept blocks that sit in rows read in place (one contiguous run, no token check)."""
+    if "run_fraction" not in bm._cache:
+        eff = bm.effective_bitmap()
+        full = bm.full_bitmap()
+        shape = torch.broadcast_shapes(eff.shape, full.shape)
+        eff = eff.expand(shape).reshape(-1, shape[-1])
+        full = full.expand(shape).reshape(-1, shape[-1]) & eff
+        counts = eff.sum(-1)
+        run, _ = _run_rows(eff, counts, (eff & ~full).any(-1))
+        total = int(counts.sum())
+        bm._cache["run_fraction"] = float(counts[run].sum()) / total if total else 0.0
+    return bm._cache["run_fraction"]
+
+
+def _contiguous_runs(
+    qf: torch.Tensor,
+    kf: torch.Tensor,
+    vf: torch.Tensor,
+    eff: torch.Tensor,
+    counts: torch.Tensor,
+    partial: torch.Tensor,
+    qb_n: int,
+    kb_n: int,
+    scale: float | None,
+    outs: list,
+    rows_done: list,
+) -> torch.Tensor:
+    """Rows whose kept blocks form one contiguous run read their keys in place, without a gather.
+
+    Local windows and bands are made of such rows. Rows with the same run length whose run starts form
+    an arithmetic progression are one strided view of the key/value storage, so a single fused SDPA
+    call covers them with no copy (copying the gathered blocks costs about as much as the attention on
+    CPU). Forward only: the overlapping views would make autograd accumulate through ``as_strided``.
+    Returns the rows handled here.
+    """
+    bs, dim = kf.shape[1], kf.shape[2]
+    kf, vf = kf.contiguous(), vf.contiguous()  # the strided views below assume the dense layout
+    run, first = _run_rows(eff, counts, partial)
+    handled = torch.zeros_like(run)
+    if not bool(run.any()):
+        return handled
+    rows = torch.nonzero(run).flatten()
+    offset = (rows // qb_n) * kb_n + first[rows]  # start of the run, in blocks of the flat key storage
+    m_of = counts[rows]
+    order = torch.argsort(m_of * (kf.shape[0] + 1) + offset, stable=True)
+    rows, offset, m_of = rows[order].tolist(), offset[order].tolist(), m_of[order].tolist()
+    i = 0
+    while i < len(rows):
+        # the longest arithmetic progression of run starts with one run length
+        j, step = i + 1, 0
+        if j < len(rows) and m_of[j] == m_of[i]:
+            step = offset[j] - offset[i]
+            while j < len(rows) and m_of[j] == m_of[i] and offset[j] - offset[j - 1] == step:
+                j += 1
+        m, n = m_of[i], j - i
+        idx = torch.tensor(rows[i:j], device=qf.device)
+        base = offset[i] * bs * dim
+        if step == 0:
+            # identical key sets: one long query run against one contiguous key slice (a stride-0
+            # batch view would make the kernel expand the keys)
+            tok = offset[i] * bs
+            kc = kf.view(-1, dim)[tok : tok + m * bs][None, None]
+            vc = vf.view(-1, dim)[tok : tok + m * bs][None, None]
+            qc = qf.index_select(0, idx).view(1, 1, n * bs, dim)
+            o = F.scaled_dot_product_attention(qc, kc, vc, scale=scale).view(n, bs, dim)
+        else:
+            size, stride = (n, 1, m * bs, dim), (step * bs * dim, 0, dim, 1)
+            kc = kf.as_strided(size, stride, kf.storage_offset() + base)
+            vc = vf.as_strided(size, stride, vf.storage_offset() + base)
+            qc = qf.index_select(0, idx)[:, None]
+            o = F.scaled_dot_product_attention(qc, kc, vc, scale=scale)[:, 0]
+        outs.append(o)
+        rows_done.append(idx)
+        i = j
+    handled[torch.tensor(rows, device=handled.device)] = True
+    return handled
+
+
 def gather_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float | None = None
 ) -> torch.Tensor:
@@ -50,11 +142,17 @@ def gather_attention(
     # so the fused kernel runs without a mask unless tokens really need one (a masked SDPA call costs
     # about twice an unmasked one on CPU).
     partial = (eff & ~full).any(-1)
-    group_key = counts * 2 + partial.long()
+    qf, kf, vf = _pad_rows(q, bs), _pad_rows(k, bs), _pad_rows(v, bs)
+    outs, rows_done = [], []
+
+    handled = torch.zeros_like(counts, dtype=torch.bool)
+    if not _needs_grad(q, k, v):
+        handled = _contiguous_runs(qf, kf, vf, eff, counts, partial, qb_n, kb_n, scale, outs, rows_done)
+    group_key = torch.where(handled, torch.full_like(counts, -1), counts * 2 + partial.long())
     order = torch.argsort(group_key, stable=True)
+    order = order[int(handled.sum()) :]  # handled rows sort first (key -1)
     sorted_keys = group_key[order].tolist()
 
-    qf, kf, vf = _pad_rows(q, bs), _pad_rows(k, bs), _pad_rows(v, bs)
     # Without autograd the gathered blocks are scratch: one buffer reused by every chunk. Freshly
     # allocated large tensors are paid for in page faults on first touch, which on CPU cost as much as
     # the attention itself; with autograd each chunk's gather must live on for the backward.
@@ -63,9 +161,8 @@ def gather_attention(
     workspace = None
     if reuse:
         max_blocks = max(1, _CHUNK_BYTES // (2 * block_elems * k.element_size()))
-        total_blocks = int(counts.sum())
+        total_blocks = int(counts[~handled].sum())
         workspace = k.new_empty(2, min(max_blocks, max(total_blocks, 1)), bs, dim)
-    outs, rows_done = [], []
     pos, n_rows = 0, len(sorted_keys)
     while pos < n_rows:
         key = sorted_keys[pos]

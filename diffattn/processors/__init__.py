@@ -6,5 +6,6 @@ Importing this package registers the built-in methods.
 from . import dense  # noqa: F401  (registers "dense")
 from .core import CoreAttnProcessor
 from .layout import TokenLayout, dense_core
+from .radial import RadialAttnProcessor, RadialConfig  # registers "radial"
 
-__all__ = ["CoreAttnProcessor", "TokenLayout", "dense_core"]
+__all__ = ["CoreAttnProcessor", "RadialAttnProcessor", "RadialConfig", "TokenLayout", "dense_core"]

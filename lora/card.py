@@ -1,0 +1,54 @@
+"""The model card written next to every saved LoRA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else ("n/a" if v is None else str(v))
+
+
+def model_card(cfg: Any, family: Any, num_samples: int, steps: int, metrics: dict[str, Any]) -> str:
+    """Markdown with Hub front matter: base model, recipe, data, steps, metrics, how to load."""
+    zoo = cfg.model.startswith("zoo:")
+    video = getattr(family, "video", False)
+    front = ["---", "library_name: diffusers", "tags:", "- lora", "- diffattn", f"- {'text-to-video' if video else 'text-to-image'}"]
+    if not zoo:
+        front.append(f"base_model: {cfg.model}")
+    front.append("---")
+    rows = [
+        ("base model", cfg.model + (" (diffattn's offline tiny zoo pipeline)" if zoo else "")),
+        ("recipe", cfg.recipe),
+        ("attention while training", cfg.attention or "the model's own"),
+        ("data", f"{cfg.data} ({num_samples} samples)"),
+        ("steps", steps),
+        ("batch", f"{cfg.batch_size} per process x {cfg.grad_accum} accumulation"),
+        ("learning rate", cfg.learning_rate),
+        ("LoRA", f"rank {cfg.rank}, alpha {cfg.lora_alpha if cfg.lora_alpha is not None else cfg.rank}, dropout {cfg.lora_dropout}, init {cfg.lora_init}"),
+        ("LoRA targets", ", ".join(cfg.lora_targets or [])),
+        ("extra trained modules", ", ".join(cfg.train_modules or []) or "none"),
+        ("EMA", f"decay {cfg.ema_decay} (saved weights are the EMA)" if cfg.ema else "off"),
+        ("mixed precision", cfg.mixed_precision),
+        ("seed", cfg.seed),
+    ]
+    table = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in rows)
+    mtable = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items())
+    load = (
+        "```python\n"
+        "pipe.load_lora_weights(PATH)                 # any diffusers pipeline of the base model\n"
+        "from diffattn.lora import load; load(pipe, PATH)  # also loads extra_modules.safetensors\n"
+        "```"
+    )
+    return (
+        "\n".join(front)
+        + f"\n\n# LoRA: {cfg.recipe} on {cfg.model}\n\nTrained with `diffattn train {cfg.recipe}`.\n\n"
+        + "| | |\n|---|---|\n"
+        + table
+        + "\n\n## Metrics\n\n| metric | value |\n|---|---|\n"
+        + mtable
+        + "\n\n`fixed_set_loss_*`: the training loss on a fixed set of (sample, timestep, noise) triples, "
+        "before and after training.\n\n## Use\n\n"
+        + load
+        + "\n"
+    )

@@ -1,0 +1,618 @@
+"""The training loop: one accelerate + peft trainer for every recipe.
+
+Determinism is designed in, not hoped for:
+
+- The data order of epoch ``e`` is a permutation seeded by ``(seed, e)``.  Each optimizer step takes
+  one global batch (``batch_size x processes x grad_accum`` samples) and cuts it into micro-batches of
+  ``batch_size``; process ``r`` runs micro-batches ``r, r + P, r + 2P, ...``.  So 2 processes with
+  accumulation A run the same micro-batches as 1 process with accumulation 2A.
+- Everything random about a sample (crop, VAE posterior draw, caption dropout, timestep, noise) comes
+  from generators seeded by ``(seed, epoch, sample index)``; LoRA dropout is seeded per micro-batch
+  from ``(seed, epoch, first sample index)``.  No per-process generator is ever used, so neither the
+  process split nor a resume changes any draw.
+- Checkpoints hold the trainable weights, optimizer, LR schedule, EMA and step; the data position is a
+  function of the step, so resuming from a checkpoint continues exactly where the run was.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import adapters, checkpoints
+from .data import DataError, build_dataset, collate
+from .models import Family, family_for
+from .objectives import objective_from_scheduler
+from .recipes import get_recipe
+
+# fields that must match between a checkpoint and the run resuming from it
+_IDENTITY = ("model", "recipe", "rank", "lora_alpha", "lora_targets", "train_modules", "lora_init")
+_FIXED_SEED = 20240607  # the fixed (timestep, noise) evaluation set does not depend on --seed
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; the command line maps one option to one field (``--max-steps`` ...)."""
+
+    recipe: str
+    model: str
+    data: str
+    output: str
+    seed: int = 0
+    max_steps: int = 1000
+    batch_size: int = 1  # per process and micro-step
+    grad_accum: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    ema: bool = False
+    ema_decay: float = 0.999
+    rank: int = 4
+    lora_alpha: float | None = None  # default: rank
+    lora_dropout: float = 0.0
+    lora_init: str = "default"  # default | gaussian | pissa | olora | ... (peft init_lora_weights)
+    lora_targets: list[str] | None = None  # default: the recipe's
+    train_modules: list[str] | None = None  # default: the recipe's
+    attention: str | None = None  # default: the recipe's; "none" forces the model's own
+    attention_options: dict[str, Any] = field(default_factory=dict)
+    resolution: int | None = None
+    crop: str = "center"
+    num_frames: int | None = None
+    fps: float | None = None
+    default_caption: str | None = None
+    caption_dropout: float = 0.0
+    max_sequence_length: int | None = None
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    checkpoint_every: int = 0
+    checkpoints_total_limit: int | None = None
+    resume: str | None = None  # None | "latest" | a checkpoint folder
+    validation_every: int = 0
+    validation_prompt: str | None = None
+    validation_inference_steps: int | None = None
+    log_every: int = 1
+    eval_samples: int = 8  # samples in the fixed-(timestep, noise) loss; 0 turns it off
+    num_workers: int = 0
+    push_to_hub: str | None = None
+    cpu: bool = False
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the recipe's defaults filled in where the user gave nothing."""
+        recipe = get_recipe(self.recipe)
+        cfg = dataclasses.replace(self)
+        for key, value in recipe.defaults.items():
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, value)
+        if cfg.lora_targets is None:
+            cfg.lora_targets = list(recipe.lora_targets)
+        if cfg.train_modules is None:
+            cfg.train_modules = list(recipe.train_modules)
+        if cfg.attention is None and recipe.attention is not None:
+            cfg.attention, opts = recipe.attention
+            cfg.attention_options = {**opts, **cfg.attention_options}
+        return cfg
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps: int
+    final_loss: float | None
+    fixed_loss_start: float | None
+    fixed_loss_end: float | None
+    resumed_from: Path | None
+
+
+def sample_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (run seed, epoch, sample index, stream)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def _gen(*parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(sample_seed(*parts))
+
+
+# streams of per-sample randomness
+_S_NOISE, _S_DATA, _S_DROPOUT, _S_ORDER, _S_VAE = range(5)
+
+
+class Schedule:
+    """Which samples each process sees at each step (pure function of seed, step and world size)."""
+
+    def __init__(self, n: int, seed: int, batch_size: int, grad_accum: int, world: int) -> None:
+        self.n, self.seed, self.bs, self.accum, self.world = n, seed, batch_size, grad_accum, world
+        self.global_batch = batch_size * grad_accum * world
+        if n < self.global_batch:
+            raise DataError(
+                f"the dataset has {n} samples, fewer than one global batch of {self.global_batch} "
+                f"(--batch-size {batch_size} x --grad-accum {grad_accum} x {world} processes)"
+            )
+        self.steps_per_epoch = n // self.global_batch  # an incomplete last batch is dropped every epoch
+        self._perm: tuple[int, list[int]] | None = None
+
+    def _order(self, epoch: int) -> list[int]:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, torch.randperm(self.n, generator=_gen(self.seed, epoch, 0, _S_ORDER)).tolist())
+        return self._perm[1]
+
+    def micro_batches(self, step: int, rank: int) -> tuple[int, list[list[int]]]:
+        """(epoch, this rank's ``grad_accum`` micro-batches of sample indices) for optimizer step ``step``."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = self._order(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
+        chunks = [order[j * self.bs : (j + 1) * self.bs] for j in range(self.accum * self.world)]
+        return epoch, chunks[rank :: self.world]
+
+
+class _StepData(torch.utils.data.Dataset):
+    """Micro-batches of one rank from ``start`` on, so a DataLoader can prefetch them in workers."""
+
+    def __init__(self, dataset: Any, schedule: Schedule, seed: int, rank: int, start: int, stop: int) -> None:
+        self.dataset, self.schedule, self.seed, self.rank = dataset, schedule, seed, rank
+        self.start, self.stop = start, stop
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.schedule.accum
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        step, j = divmod(i, self.schedule.accum)
+        epoch, mbs = self.schedule.micro_batches(self.start + step, self.rank)
+        samples = [self.dataset.load(idx, _gen(self.seed, epoch, idx, _S_DATA)) for idx in mbs[j]]
+        batch = collate(samples)
+        batch["epoch"] = epoch
+        return batch
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig`; :meth:`train` runs it."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        from accelerate import Accelerator
+
+        self.cfg = cfg = config.resolved()
+        self.recipe = get_recipe(cfg.recipe)
+        self.output = Path(cfg.output)
+        self._check_options()
+        # data first: a bad folder fails before any model is loaded
+        self.dataset = build_dataset(
+            self.recipe.data,
+            cfg.data,
+            resolution=cfg.resolution,
+            crop=cfg.crop,
+            num_frames=cfg.num_frames,
+            fps=cfg.fps,
+            default_caption=cfg.default_caption,
+        )
+        self.resume_from = checkpoints.resolve_resume(self.output, cfg.resume)
+        if self.resume_from is None and checkpoints.list_checkpoints(self.output):
+            raise ValueError(
+                f"--output {str(self.output)!r} already holds checkpoints; pass --resume latest to continue "
+                "that run, or choose a new --output (nothing there is overwritten)"
+            )
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.grad_accum,
+            cpu=cfg.cpu,
+        )
+        if self.resume_from is not None:
+            self._check_resume(checkpoints.read_state(self.resume_from))
+        self.schedule = Schedule(len(self.dataset), cfg.seed, cfg.batch_size, cfg.grad_accum, self.accelerator.num_processes)
+        self._build_model()
+
+    # ---------------------------------------------------------------- setup
+    def _check_options(self) -> None:
+        cfg = self.cfg
+        for name in ("max_steps", "batch_size", "grad_accum", "rank"):
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+        if not 0.0 <= cfg.caption_dropout <= 1.0:
+            raise ValueError(f"--caption-dropout must be in [0, 1], got {cfg.caption_dropout}")
+        if cfg.push_to_hub:
+            from huggingface_hub import constants
+
+            if constants.HF_HUB_OFFLINE:
+                raise ValueError(
+                    f"--push-to-hub {cfg.push_to_hub!r}: the Hugging Face Hub is unreachable in offline mode "
+                    "(HF_HUB_OFFLINE=1); train without --push-to-hub and upload the output folder later"
+                )
+
+    def _identity(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "model": cfg.model,
+            "recipe": cfg.recipe,
+            "rank": cfg.rank,
+            "lora_alpha": cfg.lora_alpha if cfg.lora_alpha is not None else cfg.rank,
+            "lora_targets": list(cfg.lora_targets or []),
+            "train_modules": list(cfg.train_modules or []),
+            "lora_init": cfg.lora_init,
+        }
+
+    def _check_resume(self, state: dict[str, Any]) -> None:
+        mine = self._identity()
+        for key in _IDENTITY:
+            if key in state and state[key] != mine[key]:
+                raise ValueError(
+                    f"--{key.replace('_', '-')} {mine[key]!r} differs from {state[key]!r} in checkpoint "
+                    f"{str(self.resume_from)!r}; resume with the same value, or train into a new --output"
+                )
+        for key in ("seed", "batch_size", "grad_accum"):
+            if key in state and state[key] != getattr(self.cfg, key):
+                warnings.warn(f"resuming with --{key.replace('_', '-')} {getattr(self.cfg, key)} (checkpoint: {state[key]})", stacklevel=2)
+
+    def _build_model(self) -> None:
+        import diffattn
+        from diffattn.cli import ZOO_PREFIX, load_pipeline
+
+        cfg, acc = self.cfg, self.accelerator
+        weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+        self.pipe = load_pipeline(cfg.model, dtype=weight_dtype, device=str(acc.device))
+        msl = cfg.max_sequence_length
+        if msl is None and cfg.model.startswith(ZOO_PREFIX):
+            from diffattn import zoo
+
+            msl = zoo.default_call_kwargs(cfg.model[len(ZOO_PREFIX) :]).get("max_sequence_length")
+        self.family: Family = family_for(self.pipe, msl)
+        if self.family.video != (self.recipe.data == "video"):
+            kind = "video" if self.family.video else "image"
+            raise ValueError(f"recipe {cfg.recipe!r} trains on {self.recipe.data} data but --model {cfg.model!r} is a {kind} model")
+        self.objective = objective_from_scheduler(self.pipe.scheduler, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std)
+        for module in self.pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False)
+        if self.recipe.prepare is not None:
+            self.recipe.prepare(self.pipe, cfg)
+        model = self.family.denoiser
+        init: str | bool = True if cfg.lora_init == "default" else cfg.lora_init
+        adapters.add_lora(model, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, init, cfg.lora_targets)
+        self.extra = adapters.mark_extra_trainable(model, cfg.train_modules or [])
+        # trainable weights stay fp32 under mixed precision; the frozen base is in weight_dtype
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        if cfg.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        self.patch = None
+        if cfg.attention and cfg.attention != "none":
+            self.patch = diffattn.apply(model, cfg.attention, **cfg.attention_options)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        from diffusers.optimization import get_scheduler
+
+        # stepped by hand once per optimizer step: accelerate's prepared scheduler steps once per
+        # process, which would make the schedule depend on the process count
+        self.lr_scheduler = get_scheduler(
+            cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
+        )
+        model.train()
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.ema = None
+        if cfg.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=cfg.ema_decay)
+
+    # ---------------------------------------------------------------- one loss
+    def _conditioning(self, captions: list[str], gens: list[torch.Generator]) -> dict[str, Any]:
+        if self.cfg.caption_dropout > 0:
+            captions = ["" if float(torch.rand(1, generator=g)) < self.cfg.caption_dropout else c for c, g in zip(captions, gens)]
+        return self.family.encode_text(captions, self.accelerator.device)
+
+    def loss_on(self, model: Any, batch: dict[str, Any], epoch: int, fixed: bool = False) -> torch.Tensor:
+        """Mean-squared error of one micro-batch with per-sample seeded timesteps and noise."""
+        idx = batch["index"]
+        seed = (_FIXED_SEED, 0) if fixed else (self.cfg.seed, epoch)
+        gens = [_gen(*seed, i, _S_NOISE) for i in idx]
+        cond = self._conditioning(batch["caption"], gens) if not fixed else self.family.encode_text(batch["caption"], self.accelerator.device)
+        latents = self.family.encode_pixels(batch["pixels"], [_gen(*seed, i, _S_VAE) for i in idx]).float()
+        t_list = [self.objective.timestep(self.objective.sample_u(g)) for g in gens]
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(latents)
+        t = torch.tensor(t_list, device=latents.device, dtype=torch.float32)
+        if self.objective.kind != "flow":
+            t = t.long()
+        noisy, target = self.objective.noisy_and_target(latents, noise, t)
+        dtype = next(p.dtype for p in self.family.denoiser.parameters() if not p.requires_grad)
+        pred = self.family.predict(model, noisy.to(dtype), t, cond)
+        return F.mse_loss(pred.float(), target.float())
+
+    @torch.no_grad()
+    def fixed_loss(self) -> float | None:
+        """Loss on a fixed set of (sample, timestep, noise) triples, independent of --seed; eval mode."""
+        n = min(self.cfg.eval_samples, len(self.dataset))
+        if n <= 0:
+            return None
+        model = self.family.denoiser
+        was = model.training
+        model.eval()
+        try:
+            losses = []
+            for i in range(n):
+                batch = collate([self.dataset.load(i, None)])
+                with self.accelerator.autocast():
+                    losses.append(float(self.loss_on(model, batch, 0, fixed=True)))
+        finally:
+            model.train(was)
+        return float(np.mean(losses))
+
+    # ---------------------------------------------------------------- checkpoints
+    def _state(self, step: int) -> dict[str, Any]:
+        return {
+            **self._identity(),
+            "step": step,
+            "seed": self.cfg.seed,
+            "batch_size": self.cfg.batch_size,
+            "grad_accum": self.cfg.grad_accum,
+            "num_processes": self.accelerator.num_processes,
+            "denoiser": type(self.family.denoiser).__name__,
+        }
+
+    def save_checkpoint(self, step: int) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            from safetensors.torch import save_file
+
+            def write(folder: Path) -> None:
+                named = dict(self.family.denoiser.named_parameters())
+                save_file({n: named[n].detach().cpu().contiguous() for n in self.param_names}, str(folder / "trainable.safetensors"))
+                torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+                torch.save(self.lr_scheduler.state_dict(), folder / "lr_scheduler.pt")
+                if self.ema is not None:
+                    torch.save(self.ema.state_dict(), folder / "ema.pt")
+                if acc.scaler is not None:
+                    torch.save(acc.scaler.state_dict(), folder / "scaler.pt")
+
+            checkpoints.write_checkpoint(self.output, step, write, self._state(step), self.cfg.checkpoints_total_limit)
+        acc.wait_for_everyone()
+
+    def load_checkpoint(self, path: Path) -> int:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path / "trainable.safetensors"))
+        named = dict(self.family.denoiser.named_parameters())
+        missing = sorted(set(self.param_names) - set(tensors))
+        if missing:
+            raise ValueError(f"checkpoint {str(path)!r} lacks {len(missing)} trainable weights (e.g. {missing[0]}); was it made with other options?")
+        with torch.no_grad():
+            for n in self.param_names:
+                if named[n].shape != tensors[n].shape:
+                    raise ValueError(f"checkpoint {str(path)!r}: {n} has shape {tuple(tensors[n].shape)}, the model {tuple(named[n].shape)}")
+                named[n].copy_(tensors[n])
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+        self.lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=False))
+        if self.ema is not None:
+            if not (path / "ema.pt").is_file():
+                raise ValueError(f"--ema is on but checkpoint {str(path)!r} has no EMA state")
+            self.ema.load_state_dict(torch.load(path / "ema.pt", weights_only=False))
+        if self.accelerator.scaler is not None and (path / "scaler.pt").is_file():
+            self.accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
+        return int(checkpoints.read_state(path)["step"])
+
+    # ---------------------------------------------------------------- logging, samples
+    def _log_path(self) -> Path:
+        return self.output / "logs" / "train_log.csv"
+
+    def _trim_log(self, step: int) -> None:
+        """On resume, drop log rows after the checkpoint so the CSV reads as one run."""
+        path = self._log_path()
+        if not path.is_file():
+            return
+        rows = list(csv.reader(path.read_text().splitlines()))
+        keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+        buf = io.StringIO()
+        csv.writer(buf).writerows(keep)
+        _atomic_text(path, buf.getvalue())
+
+    def _log(self, row: dict[str, Any]) -> None:
+        path = self._log_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.is_file()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, float):
+                    self._tb.add_scalar(f"train/{k}", v, row["step"])
+
+    @torch.no_grad()
+    def validate(self, step: int) -> Path | None:
+        """Sample the validation prompt with the current weights; PNG for images, GIF for video."""
+        from diffattn.cli import ZOO_PREFIX
+        from diffattn.io import save_frames, save_images
+
+        cfg = self.cfg
+        first = self.dataset.items[0].caption if hasattr(self.dataset, "items") else self.dataset.rows[0]["_caption"]
+        prompt = cfg.validation_prompt or first
+        call: dict[str, Any] = {}
+        if cfg.model.startswith(ZOO_PREFIX):
+            from diffattn import zoo
+
+            call.update(zoo.default_call_kwargs(cfg.model[len(ZOO_PREFIX) :]))
+        size = self.dataset.size
+        call.update(self.family.validation_kwargs(size[0], size[1], cfg.num_frames))
+        if cfg.validation_inference_steps:
+            call["num_inference_steps"] = cfg.validation_inference_steps
+        call.update(prompt=prompt or "", output_type="np", generator=torch.Generator("cpu").manual_seed(cfg.seed))
+        model = self.family.denoiser
+        model.eval()
+        try:
+            out = self.pipe(**call)
+        finally:
+            model.train()
+        folder = self.output / "samples"
+        if getattr(out, "frames", None) is not None:
+            return save_frames(out.frames[0], folder / f"step-{step:06d}.gif")[0]
+        images = np.asarray(out.images)
+        grid = np.concatenate(list(images), axis=1)  # one row
+        return save_images([grid], folder / f"step-{step:06d}.png")[0]
+
+    # ---------------------------------------------------------------- the loop
+    def train(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        start = 0
+        if self.resume_from is not None:
+            start = self.load_checkpoint(self.resume_from)
+            if acc.is_main_process:
+                print(f"resumed from {self.resume_from} at step {start}", file=sys.stderr)
+        self._tb = None
+        if acc.is_main_process:
+            self.output.mkdir(parents=True, exist_ok=True)
+            _atomic_text(self.output / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+            if start:
+                self._trim_log(start)
+            self._tb = _tensorboard(self.output / "logs")
+        fixed_start = self.fixed_loss() if acc.is_main_process and start == 0 else None
+        loader = torch.utils.data.DataLoader(
+            _StepData(self.dataset, self.schedule, cfg.seed, acc.process_index, start, cfg.max_steps),
+            batch_size=None,
+            num_workers=cfg.num_workers,
+        )
+        it = iter(loader)
+        bar = tqdm(total=cfg.max_steps, initial=start, disable=not acc.is_local_main_process, desc=f"train {cfg.recipe}")
+        t0, loss_value = time.perf_counter(), None
+        for step in range(start, cfg.max_steps):
+            losses = []
+            for j in range(cfg.grad_accum):
+                batch = next(it)
+                epoch = batch["epoch"]
+                # dropout seeded per micro-batch (same micro-batch -> same mask on any process)
+                torch.manual_seed(sample_seed(cfg.seed, epoch, batch["index"][0], _S_DROPOUT))
+                with acc.accumulate(self.model), acc.autocast():
+                    loss = self.loss_on(self.model, batch, epoch)
+                    acc.backward(loss)
+                    if j == cfg.grad_accum - 1:
+                        if not acc.sync_gradients:  # pragma: no cover - accelerate contract
+                            raise RuntimeError("gradient accumulation out of step with accelerate")
+                        grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.step(self.params)
+            loss_value = float(acc.reduce(torch.stack(losses).mean().to(acc.device), reduction="mean"))
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.max_steps):
+                self._log(
+                    {
+                        "step": done,
+                        "epoch": epoch,
+                        "loss": loss_value,
+                        "lr": float(self.lr_scheduler.get_last_lr()[0]),
+                        "grad_norm": float(grad_norm) if grad_norm is not None else "",
+                        "samples": done * self.schedule.global_batch,
+                        "elapsed_s": round(time.perf_counter() - t0, 3),
+                    }
+                )
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                self.save_checkpoint(done)
+            if cfg.validation_every and done % cfg.validation_every == 0 and acc.is_main_process:
+                self.validate(done)
+        bar.close()
+        acc.wait_for_everyone()
+        fixed_end = None
+        if acc.is_main_process:
+            if self.ema is not None:
+                self.ema.copy_to(self.params)  # the saved LoRA is the EMA of the weights
+            fixed_end = self.fixed_loss()
+            self.save_final(cfg.max_steps, loss_value, fixed_start, fixed_end)
+            if self._tb is not None:
+                self._tb.close()
+        acc.wait_for_everyone()
+        result = TrainResult(self.output, cfg.max_steps, loss_value, fixed_start, fixed_end, self.resume_from)
+        if cfg.push_to_hub and acc.is_main_process:
+            push_to_hub(self.output, cfg.push_to_hub)
+        return result
+
+    def save_final(self, steps: int, loss: float | None, fixed_start: float | None, fixed_end: float | None) -> None:
+        """LoRA (diffusers format), extra modules and the model card, each file renamed into place."""
+        from .card import model_card
+
+        tmp = Path(tempfile.mkdtemp(dir=self.output, prefix=".tmp-final-"))
+        try:
+            adapters.save_lora(type(self.pipe), self.family.component, self.family.denoiser, tmp, self.extra)
+            metrics = {"final_train_loss": loss, "fixed_set_loss_start": fixed_start, "fixed_set_loss_end": fixed_end}
+            (tmp / "README.md").write_text(model_card(self.cfg, self.family, len(self.dataset), steps, metrics))
+            for f in tmp.iterdir():
+                os.replace(f, self.output / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tensorboard(folder: Path) -> Any:
+    """A TensorBoard writer when tensorboard is installed, else ``None``."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(folder))
+
+
+def push_to_hub(folder: Path, repo_id: str) -> None:
+    """Upload the LoRA, model card and samples; fails with a clear message when the Hub is unreachable."""
+    try:
+        from huggingface_hub import create_repo, upload_folder
+
+        create_repo(repo_id, exist_ok=True)
+        upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            allow_patterns=["*.safetensors", "README.md", "samples/*", "train_config.json"],
+            ignore_patterns=["checkpoints/*", ".tmp-*"],
+        )
+    except Exception as e:
+        raise RuntimeError(
+            f"--push-to-hub {repo_id!r} failed ({type(e).__name__}: {e}); the trained LoRA is saved in "
+            f"{str(folder)!r} and can be uploaded later with `huggingface-cli upload {repo_id} {folder}`"
+        ) from e
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run one training job (on every process of an ``accelerate launch`` / ``torchrun`` group)."""
+    return Trainer(config).train()
+
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "push_to_hub", "sample_seed", "train"]
