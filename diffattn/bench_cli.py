@@ -140,3 +140,65 @@ def draw_mask(
     save_figure(fig, out)
     plt.close(fig)
     return out
+
+
+def video_mask_args(
+    method: str,
+    model: str,
+    frames: int | None,
+    height: int | None,
+    width: int | None,
+    n_text: int | None,
+    text_position: str | None,
+    options: dict[str, Any],
+) -> tuple[tuple[int, int, int], int, str, dict[str, Any]]:
+    """Token grid, text tokens/position and options of ``diffattn mask`` for a pixel video size.
+
+    The model's VAE and patchify factors give the grid, its pipeline default the text tokens, and for
+    ``radial`` its attention-sink default (Wan) unless ``sink`` is given.
+    """
+    from .processors.radial import VIDEO_MODELS, latent_grid
+
+    if None in (frames, height, width):
+        raise ValueError("give --frames, --height and --width together (pixels), or --grid (tokens)")
+    grid = latent_grid(model, frames, height, width)  # type: ignore[arg-type]
+    geometry = VIDEO_MODELS[model]
+    n_text = geometry.text_tokens if n_text is None else n_text
+    position = text_position or geometry.text_position or "last"
+    options = dict(options)
+    if method == "radial" and "sink" not in options:
+        options["sink"] = geometry.family == "wan"
+    return grid, n_text, position, options
+
+
+def mask_summary(
+    method: str,
+    grid: tuple[int, int, int],
+    n_text: int,
+    text_position: str | None,
+    block_size: int,
+    options: dict[str, Any],
+) -> str:
+    """One line: the shape, the block density and, for ``radial``, the exact token density."""
+    bm = method_block_mask(method, grid, n_text, text_position if n_text else None, block_size, options)
+    f, h, w = grid
+    line = (
+        f"{method}: grid {f}x{h}x{w} ({h * w} tokens per frame) + {n_text} text = {bm.q_len} tokens; "
+        f"block density {bm.density():.4f} ({block_size}-token blocks)"
+    )
+    if method == "radial":
+        from .masks.radial import radial_density
+
+        config = registry.get(method).build_config(_method_options(method, options))
+        token = radial_density(
+            f,
+            h * w,
+            decay_factor=config.decay_factor,
+            block_size=block_size,
+            sink=bool(config.sink),
+            text_tokens=n_text,
+            text_position=text_position if n_text else None,
+            adjacent=config.adjacent,
+        )
+        line += f"; token density {token:.4f}"
+    return line

@@ -119,18 +119,76 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_mask(args: argparse.Namespace) -> int:
-    from .bench_cli import draw_mask
+    from .bench_cli import draw_mask, mask_summary, video_mask_args
 
+    grid, n_text, position = args.grid, args.text or 0, args.text_position or "last"
+    options = parse_options(args.option)
+    if (args.frames, args.height, args.width) != (None, None, None):
+        # a pixel video size: tokens by the model's VAE and patchify factors, its text, its defaults
+        grid, n_text, position, options = video_mask_args(
+            args.method, args.model, args.frames, args.height, args.width, args.text, args.text_position, options
+        )
     path = draw_mask(
         args.method,
-        grid=args.grid,
-        n_text=args.text,
-        text_position=args.text_position,
+        grid=grid,
+        n_text=n_text,
+        text_position=position,
         block_size=args.block_size,
-        options=parse_options(args.option),
+        options=options,
         out=Path(args.out),
     )
+    print(mask_summary(args.method, grid, n_text, position, args.block_size, options))
     print(f"wrote {path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    # training code (peft, accelerate loops) loads only for this subcommand; the training parser
+    # lives in diffattn.lora.cli, shared with `python -m diffattn.lora`
+    from .lora.cli import main as train_main
+
+    return train_main((["--help"] if args.train_help else []) + args.train_args)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .testbed.evaluate import evaluate
+
+    report = evaluate(
+        args.model,
+        args.method,
+        options=parse_options(args.option),
+        samples=args.samples,
+        steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        out_dir=Path(args.out),
+        device=args.device,
+        dtype=args.dtype,
+        timing=args.timing,
+    )
+    acc = report.get("class_accuracy")
+    extra = f" accuracy dense={acc['dense']['accuracy']} method={acc['method']['accuracy']}" if acc else ""
+    print(
+        f"psnr_db={report['psnr_db']['mean']} ssim={report['ssim']['mean']} "
+        f"layer_rel_error={report['layer_rel_error_mean']}{extra} out={args.out}"
+    )
+    return 0
+
+
+def cmd_testbed(args: argparse.Namespace) -> int:
+    from .testbed import commands
+
+    if args.testbed_command == "train":
+        record = commands.train(args.name, out=args.out, seed=args.seed, **parse_options(args.option))
+        shown = {k: v for k, v in record.items() if not isinstance(v, (list, dict))}
+        print(" ".join(f"{k}={v}" for k, v in shown.items()))
+    elif args.testbed_command == "data":
+        path = commands.export(
+            args.name, args.out, split=args.split, count=args.count, seed=args.seed, size=args.size, overwrite=args.overwrite
+        )
+        print(f"wrote {path}")
+    else:
+        print("\n".join(commands.listing()))
     return 0
 
 
@@ -171,12 +229,56 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("mask", help="draw the block mask a method builds for a shape")
     m.add_argument("method")
     m.add_argument("--grid", type=_grid_arg, default=(8, 16, 16), help="FRAMES,HEIGHT,WIDTH in tokens")
-    m.add_argument("--text", type=int, default=0)
-    m.add_argument("--text-position", dest="text_position", choices=["first", "last"], default="last")
+    m.add_argument("--text", type=int, default=None, help="text tokens (default 0, or the model's with --model)")
+    m.add_argument("--text-position", dest="text_position", choices=["first", "last"], default=None)
     m.add_argument("--block-size", dest="block_size", type=int, default=128)
+    m.add_argument("--frames", type=int, default=None, help="video frames, pixel space (with --height and --width)")
+    m.add_argument("--height", type=int, default=None, help="video height in pixels")
+    m.add_argument("--width", type=int, default=None, help="video width in pixels")
+    m.add_argument("--model", default="wan", help="VAE/patch factors and text layout for --frames/--height/--width")
     m.add_argument("--option", action="append", metavar="KEY=VALUE")
     m.add_argument("--out", default="mask.png")
     m.set_defaults(fn=cmd_mask)
+
+    t = sub.add_parser(
+        "train", help="train a LoRA: diffattn train RECIPE --model ... --data ... --output ...", add_help=False
+    )
+    # argparse's REMAINDER cannot start with an option, so -h/--help is forwarded by hand
+    t.add_argument("-h", "--help", dest="train_help", action="store_true")
+    t.add_argument("train_args", nargs=argparse.REMAINDER, help="see `diffattn train --help`")
+    t.set_defaults(fn=cmd_train)
+    e = sub.add_parser("evaluate", help="a method vs dense attention on the same seeds: JSON report + PNG grid")
+    e.add_argument("--model", default="testbed:digits-unet", help="zoo:NAME, testbed:NAME or a pipeline folder")
+    e.add_argument("--method", required=True, help="a method from `diffattn methods`")
+    e.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
+    e.add_argument("--samples", type=int, default=20, help="sample i: seed+i (and class i %% 10 on digits models)")
+    e.add_argument("--steps", type=int, default=None, help="default: the model's (25 for testbed models)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", dest="batch_size", type=int, default=10)
+    e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    e.add_argument("--timing", action="store_true", help="add wall times (a field that differs run to run)")
+    e.add_argument("--out", default="outputs/evaluate", help="folder for report.json and grid.png")
+    e.set_defaults(fn=cmd_evaluate)
+
+    tb = sub.add_parser("testbed", help="testbed models, classifier and data: train, data, list")
+    tbs = tb.add_subparsers(dest="testbed_command", required=True)
+    tt = tbs.add_parser("train", help="retrain a testbed target from scratch (seeded): classifier, ...")
+    tt.add_argument("name")
+    tt.add_argument("--out", default=None, help="default: its shipped folder inside the package")
+    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--option", action="append", metavar="KEY=VALUE", help="trainer option, e.g. epochs=15")
+    tt.set_defaults(fn=cmd_testbed)
+    td = tbs.add_parser("data", help="export a testbed dataset (digits, scenes, photos) as an image folder")
+    td.add_argument("name")
+    td.add_argument("--out", required=True)
+    td.add_argument("--split", choices=["train", "heldout", "all"], default="train", help="digits and scenes")
+    td.add_argument("--count", type=int, default=None, help="scenes / photo crops (default 1000)")
+    td.add_argument("--seed", type=int, default=0)
+    td.add_argument("--size", type=int, default=None, help="digit side, scene canvas or crop side in pixels")
+    td.add_argument("--overwrite", action="store_true")
+    td.set_defaults(fn=cmd_testbed)
+    tbs.add_parser("list", help="testbed models, classifier and datasets").set_defaults(fn=cmd_testbed)
     return p
 
 

@@ -19,7 +19,7 @@ _EXPORTS = {
     "Recipe": "recipes",
     "register_recipe": "recipes",
     "get_recipe": "recipes",
-    "recipes": "recipes",
+    "recipe_names": "recipes",
     "load": "adapters",
     "load_extra_modules": "adapters",
     "DataError": "data",

@@ -60,6 +60,10 @@ def add_lora(
 
     if rank < 1:
         raise ValueError(f"--rank must be >= 1, got {rank}")
+    if not hasattr(model, "add_adapter"):
+        raise ValueError(
+            f"{type(model).__name__} has no peft adapter support in diffusers, so its LoRA could not be loaded with load_lora_weights"
+        )
     targets = list(targets or ["to_q", "to_k", "to_v", "to_out.0"])
     check_targets(model, targets)
     model.requires_grad_(False)
@@ -81,7 +85,9 @@ def mark_extra_trainable(model: nn.Module, names: list[str], option: str = "--tr
         hits = [n for n in modules if n and _matches(n, target)]
         if not hits:
             children = ", ".join(n for n, _ in model.named_children())
-            raise ValueError(f"{option}: {type(model).__name__} has no module {target!r}; top-level modules: {children}")
+            raise ValueError(
+                f"{option}: {type(model).__name__} has no module {target!r}; top-level modules: {children}"
+            )
         for hit in hits:
             for pname, p in modules[hit].named_parameters(prefix=hit):
                 if "lora_" not in pname:
@@ -91,21 +97,29 @@ def mark_extra_trainable(model: nn.Module, names: list[str], option: str = "--tr
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights in diffusers key format."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapter's weights with peft keys (``...to_q.lora_A.weight``), which every diffusers loader reads.
+
+    Not converted to the older ``lora.down`` naming: that conversion covers Linear layers only, and a
+    file mixing both namings (conv LoRA) does not load back.
+    """
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    return get_peft_model_state_dict(model)
 
 
-def save_lora(pipe_cls: type, component: str, model: nn.Module, out_dir: str | os.PathLike, extra: list[str] | None = None) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` (diffusers format) and, if any, the extra modules."""
-    from safetensors.torch import save_file
-
+def save_lora(
+    pipe_cls: type,
+    component: str,
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` (diffusers format, ``{component}_lora_layers``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not hasattr(pipe_cls, "save_lora_weights"):
-        raise ValueError(f"{pipe_cls.__name__} has no LoRA loader in diffusers; its LoRA cannot be saved in the diffusers format")
+        raise ValueError(
+            f"{pipe_cls.__name__} has no LoRA loader in diffusers; its LoRA cannot be saved in the diffusers format"
+        )
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(model).items()}
     meta = model.peft_config["default"].to_dict()
     pipe_cls.save_lora_weights(
@@ -113,11 +127,20 @@ def save_lora(pipe_cls: type, component: str, model: nn.Module, out_dir: str | o
         **{f"{component}_lora_layers": state, f"{component}_lora_adapter_metadata": meta},
         safe_serialization=True,
     )
-    if extra:
-        params = dict(model.named_parameters())
-        tensors = {f"{component}.{n}": params[n].detach().to("cpu").contiguous() for n in extra}
-        save_file(tensors, str(out_dir / EXTRA_FILE), metadata={"format": "pt", "component": component, "names": json.dumps(extra)})
     return out_dir
+
+
+def save_extra(component: str, model: nn.Module, out_dir: str | os.PathLike, names: list[str]) -> Path:
+    """Write the parameters ``names`` of ``model`` to ``extra_modules.safetensors`` (keys ``component.name``)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = dict(model.named_parameters())
+    tensors = {f"{component}.{n}": params[n].detach().to("cpu").contiguous() for n in names}
+    meta = {"format": "pt", "component": component, "names": json.dumps(names)}
+    save_file(tensors, str(out_dir / EXTRA_FILE), metadata=meta)
+    return out_dir / EXTRA_FILE
 
 
 def load_extra_modules(pipe: Any, path: str | os.PathLike) -> list[str]:

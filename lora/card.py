@@ -13,7 +13,14 @@ def model_card(cfg: Any, family: Any, num_samples: int, steps: int, metrics: dic
     """Markdown with Hub front matter: base model, recipe, data, steps, metrics, how to load."""
     zoo = cfg.model.startswith("zoo:")
     video = getattr(family, "video", False)
-    front = ["---", "library_name: diffusers", "tags:", "- lora", "- diffattn", f"- {'text-to-video' if video else 'text-to-image'}"]
+    front = [
+        "---",
+        "library_name: diffusers",
+        "tags:",
+        "- lora",
+        "- diffattn",
+        f"- {'text-to-video' if video else 'text-to-image'}",
+    ]
     if not zoo:
         front.append(f"base_model: {cfg.model}")
     front.append("---")
@@ -22,11 +29,26 @@ def model_card(cfg: Any, family: Any, num_samples: int, steps: int, metrics: dic
         ("recipe", cfg.recipe),
         ("attention while training", cfg.attention or "the model's own"),
         ("data", f"{cfg.data} ({num_samples} samples)"),
+        (
+            "resolution",
+            f"{cfg.resolution} px"
+            + (f", {cfg.num_frames} frames" if video else "")
+            + (f" at {cfg.fps} fps" if video and cfg.fps else ""),
+        ),
         ("steps", steps),
         ("batch", f"{cfg.batch_size} per process x {cfg.grad_accum} accumulation"),
         ("learning rate", cfg.learning_rate),
-        ("LoRA", f"rank {cfg.rank}, alpha {cfg.lora_alpha if cfg.lora_alpha is not None else cfg.rank}, dropout {cfg.lora_dropout}, init {cfg.lora_init}"),
-        ("LoRA targets", ", ".join(cfg.lora_targets or [])),
+        (
+            "LoRA",
+            f"rank {cfg.rank}, alpha {cfg.lora_alpha if cfg.lora_alpha is not None else cfg.rank}, dropout {cfg.lora_dropout}, init {cfg.lora_init}"
+            if cfg.lora_targets
+            else "none (whole modules only)",
+        ),
+        (
+            "expert",
+            {"low": "low (load with load_into_transformer_2=True)"}.get(cfg.expert, cfg.expert or "n/a"),
+        ),
+        ("LoRA targets", ", ".join(cfg.lora_targets or []) or "none"),
         ("extra trained modules", ", ".join(cfg.train_modules or []) or "none"),
         ("EMA", f"decay {cfg.ema_decay} (saved weights are the EMA)" if cfg.ema else "off"),
         ("mixed precision", cfg.mixed_precision),
@@ -48,7 +70,5 @@ def model_card(cfg: Any, family: Any, num_samples: int, steps: int, metrics: dic
         + "\n\n## Metrics\n\n| metric | value |\n|---|---|\n"
         + mtable
         + "\n\n`fixed_set_loss_*`: the training loss on a fixed set of (sample, timestep, noise) triples, "
-        "before and after training.\n\n## Use\n\n"
-        + load
-        + "\n"
+        "before and after training.\n\n## Use\n\n" + load + "\n"
     )

@@ -26,7 +26,9 @@ def list_checkpoints(output: str | os.PathLike) -> list[Path]:
     root = checkpoint_dir(output)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / STATE_FILE).is_file()]
+    found = [
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / STATE_FILE).is_file()
+    ]
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
 
 
@@ -54,7 +56,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(output: str | os.PathLike, step: int, write: Any, state: dict[str, Any], total_limit: int | None = None) -> Path:
+def write_checkpoint(
+    output: str | os.PathLike, step: int, write: Any, state: dict[str, Any], total_limit: int | None = None
+) -> Path:
     """Create ``checkpoints/step-{step}`` atomically.
 
     ``write(folder)`` writes the tensors into the temp folder; ``state`` goes to ``state.json`` last.

@@ -79,7 +79,9 @@ def _sidecar_caption(path: Path) -> str | None:
     return None
 
 
-def resize_crop(img: Image.Image, size: tuple[int, int], crop: str, box: tuple[float, float] | None) -> tuple[Image.Image, tuple[float, float, float]]:
+def resize_crop(
+    img: Image.Image, size: tuple[int, int], crop: str, box: tuple[float, float] | None
+) -> tuple[Image.Image, tuple[float, float, float]]:
     """Resize so the image covers ``size`` (height, width), then crop to it.
 
     ``crop`` is "center" or "random"; a random crop takes its position ``box`` (two numbers in [0, 1))
@@ -109,7 +111,53 @@ def _crop_pos(generator: torch.Generator | None, crop: str) -> tuple[float, floa
 
 
 def _size(resolution: int | tuple[int, int]) -> tuple[int, int]:
-    return (resolution, resolution) if isinstance(resolution, int) else (int(resolution[0]), int(resolution[1]))
+    return (
+        (resolution, resolution) if isinstance(resolution, int) else (int(resolution[0]), int(resolution[1]))
+    )
+
+
+def parse_buckets(spec: str | None, resolution: int | tuple[int, int]) -> list[tuple[int, int]] | None:
+    """``None`` -> no bucketing; "auto" -> about ``resolution**2`` pixels at aspect ratios 1, 4:3, 3:4,
+    16:9, 9:16 (sides multiples of 8); "HxW,HxW,..." -> those sizes."""
+    if not spec:
+        return None
+    if spec == "auto":
+        h0, w0 = _size(resolution)
+        area = h0 * w0
+        out = []
+        for r in (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16):  # r = width / height
+            h = max(8, round((area / r) ** 0.5 / 8) * 8)
+            w = max(8, round((area * r) ** 0.5 / 8) * 8)
+            if (h, w) not in out:
+                out.append((h, w))
+        return out
+    out = []
+    for part in spec.split(","):
+        try:
+            h, w = (int(x) for x in part.lower().strip().split("x"))
+        except ValueError as e:
+            raise ValueError(
+                f"--buckets expects 'auto' or HxW,HxW,... (e.g. 512x512,384x640), got {part!r}"
+            ) from e
+        out.append((h, w))
+    return out
+
+
+def _dims(path: Path) -> tuple[int, int]:
+    """(width, height) of an image, a clip's first frame or a frame folder's first frame."""
+    if path.is_dir():
+        path = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)[0]
+    if path.suffix.lower() in IMAGE_EXTS | {".gif"}:
+        with Image.open(path) as im:
+            return im.size
+    import imageio.v2 as imageio
+
+    reader = imageio.get_reader(str(path))
+    try:
+        w, h = reader.get_meta_data()["size"]
+    finally:
+        reader.close()
+    return int(w), int(h)
 
 
 @dataclass
@@ -135,6 +183,7 @@ class ImageFolder(torch.utils.data.Dataset):
         resolution: int | tuple[int, int] = 512,
         crop: str = "center",
         default_caption: str | None = None,
+        buckets: list[tuple[int, int]] | None = None,
     ) -> None:
         if crop not in ("center", "random"):
             raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
@@ -142,6 +191,18 @@ class ImageFolder(torch.utils.data.Dataset):
         self.size = _size(resolution)
         self.crop = crop
         self.items = self._scan(default_caption)
+        self.buckets = list(buckets) if buckets else None
+        if self.buckets:
+            for item in self.items:  # the bucket whose aspect ratio is closest (in log scale)
+                w, h = _dims(item.path)
+                item.extra["size"] = min(self.buckets, key=lambda b: abs(np.log((b[1] / b[0]) / (w / h))))
+
+    def groups(self) -> list[list[int]] | None:
+        """Sample indices per size bucket (non-empty buckets only), or ``None`` without bucketing."""
+        if not self.buckets:
+            return None
+        by = {b: [i for i, it in enumerate(self.items) if it.extra["size"] == b] for b in self.buckets}
+        return [g for g in by.values() if g]
 
     def _files(self) -> list[Path]:
         return sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
@@ -151,7 +212,9 @@ class ImageFolder(torch.utils.data.Dataset):
         meta = _read_metadata(meta_path) if meta_path.is_file() else {}
         files = self._files()
         if not files:
-            raise DataError(f"data folder {str(self.root)!r} has no {self.kind} files ({', '.join(sorted(self._exts()))})")
+            raise DataError(
+                f"data folder {str(self.root)!r} has no {self.kind} files ({', '.join(sorted(self._exts()))})"
+            )
         items, unreadable, uncaptioned = [], [], []
         for f in files:
             err = self._check(f)
@@ -169,10 +232,14 @@ class ImageFolder(torch.utils.data.Dataset):
                 continue
             items.append(Item(f, cap, {}))
         missing_meta = sorted(set(meta) - {f.relative_to(self.root).as_posix() for f in files})
-        problems = unreadable + [f"{p}: no caption (no sidecar .txt, no {METADATA} entry)" for p in uncaptioned]
+        problems = unreadable + [
+            f"{p}: no caption (no sidecar .txt, no {METADATA} entry)" for p in uncaptioned
+        ]
         problems += [f"{meta_path}: lists {name!r}, which is not in the folder" for name in missing_meta]
         if problems:
-            raise DataError(f"{len(problems)} problem(s) in data folder {str(self.root)!r}:{_listing(problems)}")
+            raise DataError(
+                f"{len(problems)} problem(s) in data folder {str(self.root)!r}:{_listing(problems)}"
+            )
         return items
 
     def _exts(self) -> set[str]:
@@ -193,7 +260,8 @@ class ImageFolder(torch.utils.data.Dataset):
         """Sample ``index`` with its random choices drawn from ``generator``."""
         item = self.items[index]
         with Image.open(item.path) as im:
-            img, _ = resize_crop(im.convert("RGB"), self.size, self.crop, _crop_pos(generator, self.crop))
+            size = item.extra.get("size", self.size)
+            img, _ = resize_crop(im.convert("RGB"), size, self.crop, _crop_pos(generator, self.crop))
         return {"pixels": to_tensor(img), "caption": item.caption, "index": index}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -214,7 +282,9 @@ def _mp4_frames(path: Path) -> tuple[list[Image.Image], float]:
     try:
         import imageio.v2 as imageio
     except ImportError as e:
-        raise DataError(f"{path}: reading {path.suffix} needs the video extra: pip install 'diffattn[video]'") from e
+        raise DataError(
+            f"{path}: reading {path.suffix} needs the video extra: pip install 'diffattn[video]'"
+        ) from e
     reader = imageio.get_reader(str(path))
     try:
         fps = float(reader.get_meta_data().get("fps", 8.0))
@@ -224,22 +294,29 @@ def _mp4_frames(path: Path) -> tuple[list[Image.Image], float]:
     return frames, fps
 
 
-def _frame_count(path: Path) -> int:
+def _probe(path: Path, folder_fps: float) -> tuple[int, float]:
+    """(frame count, native fps) without decoding the frames; a frame folder plays at ``folder_fps``."""
     if path.is_dir():
-        return len([p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS])
+        return len([p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS]), folder_fps
     if path.suffix.lower() == ".gif":
         with Image.open(path) as im:
-            return int(getattr(im, "n_frames", 1))
+            durations = []
+            for i in range(getattr(im, "n_frames", 1)):
+                im.seek(i)
+                durations.append(im.info.get("duration", 100) or 100)
+        return len(durations), 1000.0 / (sum(durations) / len(durations))
     try:
         import imageio.v2 as imageio
     except ImportError as e:
-        raise DataError(f"{path}: reading {path.suffix} needs the video extra: pip install 'diffattn[video]'") from e
+        raise DataError(
+            f"{path}: reading {path.suffix} needs the video extra: pip install 'diffattn[video]'"
+        ) from e
     reader = imageio.get_reader(str(path))
     try:
-        n = reader.count_frames()
+        n, fps = reader.count_frames(), float(reader.get_meta_data().get("fps", folder_fps))
     finally:
         reader.close()
-    return int(n)
+    return int(n), fps
 
 
 class VideoFolder(ImageFolder):
@@ -262,11 +339,12 @@ class VideoFolder(ImageFolder):
         source_fps: float | None = None,
         crop: str = "center",
         default_caption: str | None = None,
+        buckets: list[tuple[int, int]] | None = None,
     ) -> None:
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         self.num_frames, self.fps, self.source_fps = num_frames, fps, source_fps
-        super().__init__(root, resolution, crop, default_caption)
+        super().__init__(root, resolution, crop, default_caption, buckets)
 
     def _exts(self) -> set[str]:
         return VIDEO_EXTS | {"<folder of frames>"}
@@ -285,22 +363,15 @@ class VideoFolder(ImageFolder):
 
     def _check(self, path: Path) -> str | None:
         try:
-            n = _frame_count(path)
+            n, native = _probe(path, self.source_fps or self.fps or 8.0)
         except DataError:
             raise
-        except Exception as e:
+        except Exception as e:  # decoders raise many types for broken files
             return f"unreadable video ({type(e).__name__}: {e})"
-        native = self.source_fps or self.fps or 8.0
-        if path.suffix.lower() == ".gif":
-            try:
-                native = _gif_frames(path)[1]
-            except Exception as e:
-                return f"unreadable video ({type(e).__name__}: {e})"
         need = (self.num_frames - 1) * self._stride(native) + 1
         if n < need:
-            return f"has {n} frames, fewer than the {need} needed for num_frames={self.num_frames}" + (
-                f" at fps={self.fps}" if self.fps else ""
-            )
+            at = f" at fps={self.fps}" if self.fps else ""
+            return f"has {n} frames, fewer than the {need} needed for num_frames={self.num_frames}{at}"
         return None
 
     def _frames(self, path: Path) -> tuple[list[Image.Image], float]:
@@ -325,7 +396,8 @@ class VideoFolder(ImageFolder):
             start = int(torch.randint(0, len(frames) - span + 1, (1,), generator=generator))
         pos = _crop_pos(generator, self.crop)
         picked = frames[start : start + span : stride]
-        tensors = [to_tensor(resize_crop(f, self.size, self.crop, pos)[0]) for f in picked]
+        size = item.extra.get("size", self.size)
+        tensors = [to_tensor(resize_crop(f, size, self.crop, pos)[0]) for f in picked]
         # (C, F, H, W): the layout of every diffusers video VAE
         return {"pixels": torch.stack(tensors, dim=1), "caption": item.caption, "index": index}
 
@@ -341,7 +413,9 @@ class BoxesJsonl(torch.utils.data.Dataset):
 
     kind = "boxes"
 
-    def __init__(self, path: str | os.PathLike, resolution: int | tuple[int, int] = 512, crop: str = "center") -> None:
+    def __init__(
+        self, path: str | os.PathLike, resolution: int | tuple[int, int] = 512, crop: str = "center"
+    ) -> None:
         path = Path(path)
         if path.is_dir():
             cands = sorted(path.glob("*.jsonl"))
@@ -386,7 +460,9 @@ class BoxesJsonl(torch.utils.data.Dataset):
         row = self.rows[index]
         with Image.open(row["_image"]) as im:
             w0, h0 = im.size
-            img, (scale, left, top) = resize_crop(im.convert("RGB"), self.size, self.crop, _crop_pos(generator, self.crop))
+            img, (scale, left, top) = resize_crop(
+                im.convert("RGB"), self.size, self.crop, _crop_pos(generator, self.crop)
+            )
         b = torch.tensor(row["boxes"], dtype=torch.float32).reshape(-1, 4)
         if row.get("normalized"):
             b = b * torch.tensor([w0, h0, w0, h0])
@@ -422,4 +498,6 @@ def build_dataset(kind: str, path: str | os.PathLike, **kw: Any) -> torch.utils.
     import inspect
 
     accepted = set(inspect.signature(cls.__init__).parameters)
+    if kw.get("buckets") and "buckets" not in accepted:
+        raise ValueError(f"--buckets: size bucketing is not available for {kind} data")
     return cls(path, **{k: v for k, v in kw.items() if k in accepted and v is not None})

@@ -5,7 +5,9 @@ Flux packs latents into 2x2 patches and takes timesteps in [0, 1], Wan normalise
 channel ...).  The trainer itself only sees latents, timesteps and a dict of conditioning tensors.
 
 Supported now: ``sd`` (UNet2DConditionModel: SD 1.x/2.x, ControlNet pipelines' UNet), ``sdxl``,
-``sd3``, ``flux`` and ``wan`` (text-to-video).  Others raise an error naming the supported ones.
+``sd3``, ``flux``, ``wan`` (text-to-video), ``wan22`` (one expert per run), ``hunyuan-video``,
+``cogvideox`` and ``mochi``.  Others (Wan image-to-video; PixArt, which has no LoRA loader in
+diffusers) raise an error naming the supported ones.
 """
 
 from __future__ import annotations
@@ -22,10 +24,22 @@ class Family:
     name = "base"
     component = "unet"  # the pipeline attribute that holds the denoiser
     video = False
+    # the part of the noise schedule this denoiser serves, as fractions of num_train_timesteps
+    t_range: tuple[float, float] = (0.0, 1.0)
 
-    def __init__(self, pipe: Any, max_sequence_length: int | None = None) -> None:
+    @property
+    def lora_component(self) -> str:
+        """The ``*_lora_layers`` name the LoRA is saved under (diffusers' loaders know no other)."""
+        return self.component
+
+    def __init__(self, pipe: Any, text_kwargs: dict[str, Any] | None = None) -> None:
         self.pipe = pipe
-        self.max_sequence_length = max_sequence_length
+        # prompt-encoding options shared by training and validation (max_sequence_length, prompt_template)
+        self.text_kwargs = dict(text_kwargs or {})
+
+    @property
+    def max_sequence_length(self) -> int | None:
+        return self.text_kwargs.get("max_sequence_length")
 
     @property
     def denoiser(self) -> nn.Module:
@@ -49,14 +63,17 @@ class Family:
         latents = dist.mean + dist.std * noise.to(dist.mean)
         return self._vae_scale(latents)
 
-    def predict(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-        """Model output with the shape of ``noisy``; ``model`` may be the DDP/FSDP-wrapped denoiser."""
+    def predict(
+        self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]
+    ) -> torch.Tensor:
+        """Model output with the shape of ``noisy``; ``model`` may be the DDP/FSDP-wrapped denoiser.
+
+        ``cond["model_kwargs"]`` (set by a recipe's ``condition`` hook) is passed on to the model call.
+        """
         raise NotImplementedError
 
     def validation_kwargs(self, height: int, width: int, num_frames: int | None) -> dict[str, Any]:
-        kw: dict[str, Any] = {"height": height, "width": width}
-        if self.max_sequence_length is not None:
-            kw["max_sequence_length"] = self.max_sequence_length
+        kw: dict[str, Any] = {"height": height, "width": width, **self.text_kwargs}
         if self.video and num_frames:
             kw["num_frames"] = num_frames
         return kw
@@ -70,8 +87,16 @@ class SDFamily(Family):
         emb, _ = self.pipe.encode_prompt(captions, device, 1, False)
         return {"encoder_hidden_states": emb}
 
-    def predict(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-        return model(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False)[0]
+    def predict(
+        self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]
+    ) -> torch.Tensor:
+        return model(
+            noisy,
+            timesteps,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            return_dict=False,
+            **cond.get("model_kwargs", {}),
+        )[0]
 
 
 class SDXLFamily(Family):
@@ -79,15 +104,28 @@ class SDXLFamily(Family):
 
     @torch.no_grad()
     def encode_text(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        emb, _, pooled, _ = self.pipe.encode_prompt(captions, device=device, do_classifier_free_guidance=False)
+        emb, _, pooled, _ = self.pipe.encode_prompt(
+            captions, device=device, do_classifier_free_guidance=False
+        )
         return {"encoder_hidden_states": emb, "text_embeds": pooled}
 
-    def predict(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+    def predict(
+        self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]
+    ) -> torch.Tensor:
         h, w = noisy.shape[-2] * self.pipe.vae_scale_factor, noisy.shape[-1] * self.pipe.vae_scale_factor
         # original size, crop top-left, target size: the image was resized and center-cropped to (h, w)
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=noisy.device, dtype=noisy.dtype).repeat(len(noisy), 1)
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=noisy.device, dtype=noisy.dtype).repeat(
+            len(noisy), 1
+        )
         added = {"text_embeds": cond["text_embeds"], "time_ids": time_ids}
-        return model(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added, return_dict=False)[0]
+        return model(
+            noisy,
+            timesteps,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            added_cond_kwargs=added,
+            return_dict=False,
+            **cond.get("model_kwargs", {}),
+        )[0]
 
 
 class SD3Family(Family):
@@ -97,16 +135,21 @@ class SD3Family(Family):
     @torch.no_grad()
     def encode_text(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         kw = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length else {}
-        emb, _, pooled, _ = self.pipe.encode_prompt(captions, None, None, device=device, do_classifier_free_guidance=False, **kw)
+        emb, _, pooled, _ = self.pipe.encode_prompt(
+            captions, None, None, device=device, do_classifier_free_guidance=False, **kw
+        )
         return {"encoder_hidden_states": emb, "pooled_projections": pooled}
 
-    def predict(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+    def predict(
+        self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]
+    ) -> torch.Tensor:
         return model(
             hidden_states=noisy,
             timestep=timesteps,
             encoder_hidden_states=cond["encoder_hidden_states"],
             pooled_projections=cond["pooled_projections"],
             return_dict=False,
+            **cond.get("model_kwargs", {}),
         )[0]
 
 
@@ -120,7 +163,9 @@ class FluxFamily(Family):
         emb, pooled, text_ids = self.pipe.encode_prompt(captions, None, device=device, **kw)
         return {"encoder_hidden_states": emb, "pooled_projections": pooled, "txt_ids": text_ids}
 
-    def predict(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+    def predict(
+        self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]
+    ) -> torch.Tensor:
         b, c, h, w = noisy.shape
         packed = self.pipe._pack_latents(noisy, b, c, h, w)
         img_ids = self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
@@ -136,6 +181,7 @@ class FluxFamily(Family):
             txt_ids=cond["txt_ids"],
             img_ids=img_ids,
             return_dict=False,
+            **cond.get("model_kwargs", {}),
         )[0]
         vsf = self.pipe.vae_scale_factor
         return self.pipe._unpack_latents(out, h * vsf, w * vsf, vsf)
@@ -159,31 +205,188 @@ class WanFamily(Family):
         std = torch.tensor(cfg.latents_std).view(shape).to(latents)
         return (latents - mean) / std  # the inverse of WanPipeline's decode
 
-    def predict(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+    def predict(
+        self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]
+    ) -> torch.Tensor:
         return model(
-            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False
+            hidden_states=noisy,
+            timestep=timesteps,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            return_dict=False,
+            **cond.get("model_kwargs", {}),
         )[0]
 
 
-SUPPORTED = {"sd": SDFamily, "sdxl": SDXLFamily, "sd3": SD3Family, "flux": FluxFamily, "wan": WanFamily}
+class Wan22Family(WanFamily):
+    """Wan 2.2: two experts split the schedule at ``boundary_ratio``; a run trains one of them.
+
+    ``high`` is ``transformer`` (t >= boundary), ``low`` is ``transformer_2``.  Both save as
+    ``transformer`` LoRA layers, as diffusers expects: load a ``low`` LoRA with
+    ``pipe.load_lora_weights(path, load_into_transformer_2=True)``.
+    """
+
+    name = "wan22"
+
+    def __init__(
+        self, pipe: Any, text_kwargs: dict[str, Any] | None = None, expert: str | None = None
+    ) -> None:
+        super().__init__(pipe, text_kwargs)
+        boundary = pipe.config.boundary_ratio
+        if expert not in ("high", "low"):
+            raise ValueError(
+                f"--expert: {type(pipe).__name__} has two experts, 'high' (transformer, t >= {boundary} of the "
+                f"schedule) and 'low' (transformer_2, below); pass --expert high or --expert low (got {expert!r})"
+            )
+        self.expert = expert
+        self.component = "transformer" if expert == "high" else "transformer_2"
+        self.t_range = (boundary, 1.0) if expert == "high" else (0.0, boundary)
+
+    @property
+    def lora_component(self) -> str:
+        return "transformer"
 
 
-def family_for(pipe: Any, max_sequence_length: int | None = None) -> Family:
-    """The :class:`Family` of a pipeline, from its denoiser's class."""
+class HunyuanVideoFamily(Family):
+    name = "hunyuan-video"
+    component = "transformer"
+    video = True
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        emb, pooled, mask = self.pipe.encode_prompt(captions, None, device=device, **self.text_kwargs)
+        return {"encoder_hidden_states": emb, "pooled_projections": pooled, "encoder_attention_mask": mask}
+
+    def predict(
+        self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]
+    ) -> torch.Tensor:
+        guidance = None
+        if getattr(self.denoiser.config, "guidance_embeds", False):
+            # distilled guidance at scale 1 (the pipeline passes scale x 1000)
+            guidance = torch.full((len(noisy),), 1000.0, device=noisy.device, dtype=noisy.dtype)
+        return model(
+            hidden_states=noisy,
+            timestep=timesteps,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            encoder_attention_mask=cond["encoder_attention_mask"],
+            pooled_projections=cond["pooled_projections"],
+            guidance=guidance,
+            return_dict=False,
+            **cond.get("model_kwargs", {}),
+        )[0]
+
+
+class CogVideoXFamily(Family):
+    name = "cogvideox"
+    component = "transformer"
+    video = True
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        kw = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length else {}
+        emb, _ = self.pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=device, **kw)
+        return {"encoder_hidden_states": emb}
+
+    def predict(
+        self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]
+    ) -> torch.Tensor:
+        x = noisy.permute(0, 2, 1, 3, 4)  # CogVideoX takes (B, F, C, H, W)
+        rotary = None
+        if self.denoiser.config.use_rotary_positional_embeddings:
+            vsf = self.pipe.vae_scale_factor_spatial
+            rotary = self.pipe._prepare_rotary_positional_embeddings(
+                x.shape[-2] * vsf, x.shape[-1] * vsf, x.shape[1], x.device
+            )
+        out = model(
+            hidden_states=x,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            timestep=timesteps,
+            image_rotary_emb=rotary,
+            return_dict=False,
+            **cond.get("model_kwargs", {}),
+        )[0]
+        return out.permute(0, 2, 1, 3, 4)
+
+
+class MochiFamily(Family):
+    """With ``invert_sigmas`` in its scheduler config (genmo's release) Mochi counts time the other way:
+    the model sees ``1000 - t`` and predicts ``x0 - noise``; both are flipped here to fit the flow
+    objective.  Without it (the zoo's scheduler) the convention is the usual one."""
+
+    name = "mochi"
+    component = "transformer"
+    video = True
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        kw = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length else {}
+        emb, mask, _, _ = self.pipe.encode_prompt(
+            captions, do_classifier_free_guidance=False, device=device, **kw
+        )
+        return {"encoder_hidden_states": emb, "encoder_attention_mask": mask}
+
+    def _vae_scale(self, latents: torch.Tensor) -> torch.Tensor:
+        cfg = self.pipe.vae.config
+        c = latents.shape[1]
+        mean = torch.tensor(cfg.latents_mean).view(1, c, 1, 1, 1).to(latents)
+        std = torch.tensor(cfg.latents_std).view(1, c, 1, 1, 1).to(latents)
+        return (latents - mean) * cfg.scaling_factor / std  # the inverse of MochiPipeline's decode
+
+    def predict(
+        self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]
+    ) -> torch.Tensor:
+        inverted = bool(self.pipe.scheduler.config.get("invert_sigmas", False))
+        out = model(
+            hidden_states=noisy,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            timestep=1000 - timesteps if inverted else timesteps,
+            encoder_attention_mask=cond["encoder_attention_mask"],
+            return_dict=False,
+            **cond.get("model_kwargs", {}),
+        )[0]
+        return -out if inverted else out
+
+
+SUPPORTED = {
+    "sd": SDFamily,
+    "sdxl": SDXLFamily,
+    "sd3": SD3Family,
+    "flux": FluxFamily,
+    "wan": WanFamily,
+    "hunyuan-video": HunyuanVideoFamily,
+    "cogvideox": CogVideoXFamily,
+    "mochi": MochiFamily,
+}
+_TRANSFORMERS = {
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
+    "WanTransformer3DModel": "wan",
+    "HunyuanVideoTransformer3DModel": "hunyuan-video",
+    "CogVideoXTransformer3DModel": "cogvideox",
+    "MochiTransformer3DModel": "mochi",
+}
+
+
+def family_for(pipe: Any, text_kwargs: dict[str, Any] | None = None, expert: str | None = None) -> Family:
+    """The :class:`Family` of a pipeline, from its denoiser's class; ``expert`` picks a Wan 2.2 expert."""
     unet = getattr(pipe, "unet", None)
     transformer = getattr(pipe, "transformer", None)
     name = None
     if unet is not None and type(unet).__name__ == "UNet2DConditionModel":
         name = "sdxl" if unet.config.addition_embed_type == "text_time" else "sd"
     elif transformer is not None:
-        cls = type(transformer).__name__
-        name = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux", "WanTransformer3DModel": "wan"}.get(cls)
-        if name == "wan" and (getattr(pipe, "transformer_2", None) is not None or transformer.config.image_dim):
-            name = None  # Wan 2.2 (two experts) and image-to-video need their own conditioning
+        name = _TRANSFORMERS.get(type(transformer).__name__)
+        if name == "wan" and transformer.config.image_dim:
+            name = None  # image-to-video needs the first-frame and CLIP-image conditioning
+        elif name == "wan" and getattr(pipe, "transformer_2", None) is not None:
+            return Wan22Family(pipe, text_kwargs, expert)
     if name is None:
         model = type(unet or transformer).__name__
         raise NotImplementedError(
             f"training {type(pipe).__name__} (denoiser {model}) is not supported yet; supported families: "
-            f"{', '.join(SUPPORTED)} (SD/SDXL UNets, SD3, Flux, Wan text-to-video)"
+            f"{', '.join(SUPPORTED)}, wan22"
         )
-    return SUPPORTED[name](pipe, max_sequence_length)
+    if expert is not None:
+        raise ValueError(
+            f"--expert applies to two-expert models (Wan 2.2); {type(pipe).__name__} has one denoiser"
+        )
+    return SUPPORTED[name](pipe, text_kwargs)

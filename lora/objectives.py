@@ -31,6 +31,7 @@ class Objective:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     alphas_cumprod: torch.Tensor | None = None
+    t_range: tuple[float, float] = (0.0, 1.0)  # a part of the schedule (one expert of Wan 2.2)
 
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLINGS:
@@ -45,12 +46,16 @@ class Objective:
 
     def timestep(self, u: float) -> float:
         """Map a draw in [0, 1) to the model's timestep (an integer index for DDPM, 1000 sigma for flow)."""
+        lo, hi = self.t_range
         if self.kind == "flow":
             sigma = self.shift * u / (1 + (self.shift - 1) * u)
-            return sigma * self.num_train_timesteps
+            return (lo + (hi - lo) * sigma) * self.num_train_timesteps
+        u = lo + (hi - lo) * u
         return float(min(int(u * self.num_train_timesteps), self.num_train_timesteps - 1))
 
-    def noisy_and_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def noisy_and_target(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(noisy latents, regression target) for clean latents ``x0`` at timesteps ``t`` (shape (B,))."""
         shape = (-1,) + (1,) * (x0.dim() - 1)
         if self.kind == "flow":
@@ -63,7 +68,9 @@ class Objective:
         return noisy, (noise if self.kind == "epsilon" else a * noise - s * x0)
 
 
-def objective_from_scheduler(scheduler: Any, sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0) -> Objective:
+def objective_from_scheduler(
+    scheduler: Any, sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0
+) -> Objective:
     """Build the :class:`Objective` a pipeline's scheduler implies."""
     cfg = scheduler.config
     n = int(cfg.get("num_train_timesteps", 1000))
@@ -72,17 +79,29 @@ def objective_from_scheduler(scheduler: Any, sampling: str = "uniform", logit_me
         or bool(cfg.get("use_flow_sigmas"))
         or cfg.get("prediction_type") == "flow_prediction"
     )
-    common = {"num_train_timesteps": n, "sampling": sampling, "logit_mean": logit_mean, "logit_std": logit_std}
+    common = {
+        "num_train_timesteps": n,
+        "sampling": sampling,
+        "logit_mean": logit_mean,
+        "logit_std": logit_std,
+    }
     if flow:
         if cfg.get("use_dynamic_shifting"):
-            shift = 1.0  # resolution-dependent shift (Flux): training on plain sigmas, as diffusers' scripts do
+            shift = (
+                1.0  # resolution-dependent shift (Flux): training on plain sigmas, as diffusers' scripts do
+            )
         else:
             shift = float(cfg.get("shift", None) or cfg.get("flow_shift", None) or 1.0)
         return Objective("flow", shift=shift, **common)
     kind = cfg.get("prediction_type", "epsilon")
     if kind not in ("epsilon", "v_prediction"):
-        raise ValueError(f"scheduler {type(scheduler).__name__} has prediction_type={kind!r}; training supports epsilon, v_prediction and flow matching")
-    from diffusers import DDPMScheduler
+        raise ValueError(
+            f"scheduler {type(scheduler).__name__} has prediction_type={kind!r}; training supports epsilon, v_prediction and flow matching"
+        )
+    abar = getattr(scheduler, "alphas_cumprod", None)
+    if not isinstance(abar, torch.Tensor) or len(abar) != n:
+        from diffusers import DDPMScheduler
 
-    ddpm = DDPMScheduler.from_config(cfg)  # the forward process the pipeline's scheduler was trained with
-    return Objective(kind, alphas_cumprod=ddpm.alphas_cumprod.clone(), **common)
+        abar = DDPMScheduler.from_config(cfg).alphas_cumprod
+    # the scheduler's own table keeps its quirks (CogVideoX's SNR shift, zero-terminal-SNR rescaling)
+    return Objective(kind, alphas_cumprod=abar.clone().float(), **common)

@@ -20,13 +20,17 @@ class Recipe:
         name: what ``diffattn train NAME`` takes.
         description: one line for ``--help``.
         data: dataset kind, "image", "video" or "boxes" (see :mod:`diffattn.lora.data`).
-        lora_targets: module names LoRA wraps in the denoiser.
+        lora_targets: module names LoRA wraps in the denoiser; empty: no LoRA (only ``train_modules``).
         train_modules: denoiser submodules trained in full, saved in ``extra_modules.safetensors``.
         attention: ``(method, options)`` set with ``diffattn.apply`` while training (and for validation
             samples), or ``None`` for the model's own attention.
         defaults: defaults for :class:`~diffattn.lora.trainer.TrainConfig` fields (resolution, frames ...).
         prepare: optional ``(pipe, config) -> None`` run after loading, before LoRA is added (adds new
-            modules such as an adapter branch).
+            modules such as an adapter branch, initialised under the run's seed).  Everything is frozen
+            afterwards; name a new module in ``train_modules`` to train it and save it.
+        condition: optional ``(trainer, batch, cond) -> cond`` run for every micro-batch after the
+            captions are encoded: adds what the recipe's data carries (boxes, region captions) to the
+            conditioning; ``cond["model_kwargs"]`` goes to the denoiser call.
     """
 
     name: str
@@ -37,6 +41,7 @@ class Recipe:
     attention: tuple[str, dict[str, Any]] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
     prepare: Callable[[Any, Any], None] | None = None
+    condition: Callable[[Any, dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
 
 
 _RECIPES: dict[str, Recipe] = {}
@@ -56,7 +61,7 @@ def get_recipe(name: str) -> Recipe:
     return _RECIPES[name]
 
 
-def recipes() -> list[str]:
+def recipe_names() -> list[str]:
     """Names of the registered recipes."""
     return list(_RECIPES)
 

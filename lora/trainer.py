@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from . import adapters, checkpoints
-from .data import DataError, build_dataset, collate
+from .data import DataError, build_dataset, collate, parse_buckets
 from .models import Family, family_for
 from .objectives import objective_from_scheduler
 from .recipes import get_recipe
 
 # fields that must match between a checkpoint and the run resuming from it
-_IDENTITY = ("model", "recipe", "rank", "lora_alpha", "lora_targets", "train_modules", "lora_init")
+_IDENTITY = ("model", "recipe", "rank", "lora_alpha", "lora_targets", "train_modules", "lora_init", "expert")
 _FIXED_SEED = 20240607  # the fixed (timestep, noise) evaluation set does not depend on --seed
 
 
@@ -76,6 +76,8 @@ class TrainConfig:
     attention_options: dict[str, Any] = field(default_factory=dict)
     resolution: int | None = None
     crop: str = "center"
+    expert: str | None = None  # two-expert models (Wan 2.2): "high" or "low"
+    buckets: str | None = None  # None | "auto" | "HxW,HxW,..." (size bucketing by aspect ratio)
     num_frames: int | None = None
     fps: float | None = None
     default_caption: str | None = None
@@ -88,7 +90,7 @@ class TrainConfig:
     checkpoints_total_limit: int | None = None
     resume: str | None = None  # None | "latest" | a checkpoint folder
     validation_every: int = 0
-    validation_prompt: str | None = None
+    validation_prompt: list[str] | None = None  # default: the first caption
     validation_inference_steps: int | None = None
     log_every: int = 1
     eval_samples: int = 8  # samples in the fixed-(timestep, noise) loss; 0 turns it off
@@ -125,7 +127,10 @@ class TrainResult:
 
 def sample_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (run seed, epoch, sample index, stream)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+    return int(
+        np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
+        >> np.uint64(1)
+    )
 
 
 def _gen(*parts: int) -> torch.Generator:
@@ -133,33 +138,65 @@ def _gen(*parts: int) -> torch.Generator:
 
 
 # streams of per-sample randomness
-_S_NOISE, _S_DATA, _S_DROPOUT, _S_ORDER, _S_VAE = range(5)
+_S_NOISE, _S_DATA, _S_DROPOUT, _S_ORDER, _S_VAE, _S_INIT = range(6)
 
 
 class Schedule:
-    """Which samples each process sees at each step (pure function of seed, step and world size)."""
+    """Which samples each process sees at each step (a pure function of seed, step and world size).
 
-    def __init__(self, n: int, seed: int, batch_size: int, grad_accum: int, world: int) -> None:
+    ``groups`` (size buckets) partitions the sample indices; a micro-batch never mixes groups.  Each
+    epoch every group is shuffled and cut into micro-batches (an incomplete one is dropped), the
+    micro-batches of all groups are shuffled together, and consecutive ``grad_accum x world`` of them
+    make one optimizer step.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        batch_size: int,
+        grad_accum: int,
+        world: int,
+        groups: list[list[int]] | None = None,
+    ) -> None:
         self.n, self.seed, self.bs, self.accum, self.world = n, seed, batch_size, grad_accum, world
+        self.groups = [list(g) for g in groups] if groups else None
         self.global_batch = batch_size * grad_accum * world
-        if n < self.global_batch:
+        per_step = grad_accum * world
+        micro = sum(len(g) // batch_size for g in self.groups) if self.groups else n // batch_size
+        self.steps_per_epoch = micro // per_step  # incomplete last steps are dropped every epoch
+        if self.steps_per_epoch == 0:
+            where = (
+                f" in {len(self.groups)} size buckets (sizes {[len(g) for g in self.groups]})"
+                if self.groups
+                else ""
+            )
             raise DataError(
-                f"the dataset has {n} samples, fewer than one global batch of {self.global_batch} "
+                f"the dataset has {n} samples{where}, fewer than one global batch of {self.global_batch} "
                 f"(--batch-size {batch_size} x --grad-accum {grad_accum} x {world} processes)"
             )
-        self.steps_per_epoch = n // self.global_batch  # an incomplete last batch is dropped every epoch
-        self._perm: tuple[int, list[int]] | None = None
+        self._cache: tuple[int, list[list[int]]] | None = None
 
-    def _order(self, epoch: int) -> list[int]:
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, torch.randperm(self.n, generator=_gen(self.seed, epoch, 0, _S_ORDER)).tolist())
-        return self._perm[1]
+    def _micro(self, epoch: int) -> list[list[int]]:
+        if self._cache is None or self._cache[0] != epoch:
+            g = _gen(self.seed, epoch, 0, _S_ORDER)
+            if self.groups is None:
+                order = torch.randperm(self.n, generator=g).tolist()
+                micro = [order[i : i + self.bs] for i in range(0, self.n - self.bs + 1, self.bs)]
+            else:
+                micro = []
+                for grp in self.groups:
+                    order = [grp[i] for i in torch.randperm(len(grp), generator=g).tolist()]
+                    micro += [order[i : i + self.bs] for i in range(0, len(order) - self.bs + 1, self.bs)]
+                micro = [micro[i] for i in torch.randperm(len(micro), generator=g).tolist()]
+            self._cache = (epoch, micro)
+        return self._cache[1]
 
     def micro_batches(self, step: int, rank: int) -> tuple[int, list[list[int]]]:
         """(epoch, this rank's ``grad_accum`` micro-batches of sample indices) for optimizer step ``step``."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        order = self._order(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
-        chunks = [order[j * self.bs : (j + 1) * self.bs] for j in range(self.accum * self.world)]
+        per_step = self.accum * self.world
+        chunks = self._micro(epoch)[k * per_step : (k + 1) * per_step]
         return epoch, chunks[rank :: self.world]
 
 
@@ -213,13 +250,23 @@ class Trainer:
             num_frames=cfg.num_frames,
             fps=cfg.fps,
             default_caption=cfg.default_caption,
+            buckets=parse_buckets(cfg.buckets, cfg.resolution) if cfg.buckets else None,
         )
         self.resume_from = checkpoints.resolve_resume(self.output, cfg.resume)
-        if self.resume_from is None and checkpoints.list_checkpoints(self.output):
+        if self.resume_from is None and (
+            checkpoints.list_checkpoints(self.output)
+            or any((self.output / f).exists() for f in (adapters.LORA_FILE, adapters.EXTRA_FILE))
+        ):
             raise ValueError(
-                f"--output {str(self.output)!r} already holds checkpoints; pass --resume latest to continue "
-                "that run, or choose a new --output (nothing there is overwritten)"
+                f"--output {str(self.output)!r} already holds a training run (checkpoints or a saved LoRA); pass "
+                "--resume latest to continue it, or choose a new --output (nothing there is overwritten)"
             )
+        from accelerate.state import AcceleratorState
+
+        if AcceleratorState._shared_state and AcceleratorState().mixed_precision != cfg.mixed_precision:
+            # a second run in this process (notebook, tests) with another precision: accelerate keeps
+            # its state in a singleton; the process group (PartialState) is kept
+            AcceleratorState._reset_state()
         self.accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.grad_accum,
@@ -227,7 +274,15 @@ class Trainer:
         )
         if self.resume_from is not None:
             self._check_resume(checkpoints.read_state(self.resume_from))
-        self.schedule = Schedule(len(self.dataset), cfg.seed, cfg.batch_size, cfg.grad_accum, self.accelerator.num_processes)
+        groups = self.dataset.groups() if hasattr(self.dataset, "groups") else None
+        self.schedule = Schedule(
+            len(self.dataset),
+            cfg.seed,
+            cfg.batch_size,
+            cfg.grad_accum,
+            self.accelerator.num_processes,
+            groups,
+        )
         self._build_model()
 
     # ---------------------------------------------------------------- setup
@@ -259,6 +314,7 @@ class Trainer:
             "lora_targets": list(cfg.lora_targets or []),
             "train_modules": list(cfg.train_modules or []),
             "lora_init": cfg.lora_init,
+            "expert": cfg.expert,
         }
 
     def _check_resume(self, state: dict[str, Any]) -> None:
@@ -271,33 +327,51 @@ class Trainer:
                 )
         for key in ("seed", "batch_size", "grad_accum"):
             if key in state and state[key] != getattr(self.cfg, key):
-                warnings.warn(f"resuming with --{key.replace('_', '-')} {getattr(self.cfg, key)} (checkpoint: {state[key]})", stacklevel=2)
+                warnings.warn(
+                    f"resuming with --{key.replace('_', '-')} {getattr(self.cfg, key)} (checkpoint: {state[key]})",
+                    stacklevel=2,
+                )
 
     def _build_model(self) -> None:
         import diffattn
         from diffattn.cli import ZOO_PREFIX, load_pipeline
 
         cfg, acc = self.cfg, self.accelerator
-        weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+        weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+            cfg.mixed_precision
+        ]
         self.pipe = load_pipeline(cfg.model, dtype=weight_dtype, device=str(acc.device))
-        msl = cfg.max_sequence_length
-        if msl is None and cfg.model.startswith(ZOO_PREFIX):
+        text_kwargs: dict[str, Any] = {}
+        if cfg.model.startswith(ZOO_PREFIX):  # the zoo's tiny text encoders need short sequences
             from diffattn import zoo
 
-            msl = zoo.default_call_kwargs(cfg.model[len(ZOO_PREFIX) :]).get("max_sequence_length")
-        self.family: Family = family_for(self.pipe, msl)
+            zoo_kw = zoo.default_call_kwargs(cfg.model[len(ZOO_PREFIX) :])
+            text_kwargs = {k: zoo_kw[k] for k in ("max_sequence_length", "prompt_template") if k in zoo_kw}
+        if cfg.max_sequence_length is not None:
+            text_kwargs["max_sequence_length"] = cfg.max_sequence_length
+        self.family: Family = family_for(self.pipe, text_kwargs, cfg.expert)
         if self.family.video != (self.recipe.data == "video"):
             kind = "video" if self.family.video else "image"
-            raise ValueError(f"recipe {cfg.recipe!r} trains on {self.recipe.data} data but --model {cfg.model!r} is a {kind} model")
-        self.objective = objective_from_scheduler(self.pipe.scheduler, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std)
+            raise ValueError(
+                f"recipe {cfg.recipe!r} trains on {self.recipe.data} data but --model {cfg.model!r} is a {kind} model"
+            )
+        self.objective = objective_from_scheduler(
+            self.pipe.scheduler, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std
+        )
+        self.objective.t_range = self.family.t_range
         for module in self.pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
+        torch.manual_seed(sample_seed(cfg.seed, _S_INIT))  # new modules and LoRA A: init follows --seed only
         if self.recipe.prepare is not None:
             self.recipe.prepare(self.pipe, cfg)
         model = self.family.denoiser
         init: str | bool = True if cfg.lora_init == "default" else cfg.lora_init
-        adapters.add_lora(model, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, init, cfg.lora_targets)
+        self.has_lora = bool(cfg.lora_targets)
+        if self.has_lora:
+            adapters.add_lora(model, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, init, cfg.lora_targets)
+        elif not cfg.train_modules:
+            raise ValueError("nothing to train: no --lora-targets and no --train-modules")
         self.extra = adapters.mark_extra_trainable(model, cfg.train_modules or [])
         # trainable weights stay fp32 under mixed precision; the frozen base is in weight_dtype
         for p in model.parameters():
@@ -316,7 +390,10 @@ class Trainer:
         # stepped by hand once per optimizer step: accelerate's prepared scheduler steps once per
         # process, which would make the schedule depend on the process count
         self.lr_scheduler = get_scheduler(
-            cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
+            cfg.lr_scheduler,
+            optimizer,
+            num_warmup_steps=cfg.lr_warmup_steps,
+            num_training_steps=cfg.max_steps,
         )
         model.train()
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -329,7 +406,10 @@ class Trainer:
     # ---------------------------------------------------------------- one loss
     def _conditioning(self, captions: list[str], gens: list[torch.Generator]) -> dict[str, Any]:
         if self.cfg.caption_dropout > 0:
-            captions = ["" if float(torch.rand(1, generator=g)) < self.cfg.caption_dropout else c for c, g in zip(captions, gens)]
+            captions = [
+                "" if float(torch.rand(1, generator=g)) < self.cfg.caption_dropout else c
+                for c, g in zip(captions, gens)
+            ]
         return self.family.encode_text(captions, self.accelerator.device)
 
     def loss_on(self, model: Any, batch: dict[str, Any], epoch: int, fixed: bool = False) -> torch.Tensor:
@@ -337,13 +417,19 @@ class Trainer:
         idx = batch["index"]
         seed = (_FIXED_SEED, 0) if fixed else (self.cfg.seed, epoch)
         gens = [_gen(*seed, i, _S_NOISE) for i in idx]
-        cond = self._conditioning(batch["caption"], gens) if not fixed else self.family.encode_text(batch["caption"], self.accelerator.device)
+        cond = (
+            self._conditioning(batch["caption"], gens)
+            if not fixed
+            else self.family.encode_text(batch["caption"], self.accelerator.device)
+        )
         latents = self.family.encode_pixels(batch["pixels"], [_gen(*seed, i, _S_VAE) for i in idx]).float()
         t_list = [self.objective.timestep(self.objective.sample_u(g)) for g in gens]
         noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(latents)
         t = torch.tensor(t_list, device=latents.device, dtype=torch.float32)
         if self.objective.kind != "flow":
             t = t.long()
+        if self.recipe.condition is not None:
+            cond = self.recipe.condition(self, batch, cond)
         noisy, target = self.objective.noisy_and_target(latents, noise, t)
         dtype = next(p.dtype for p in self.family.denoiser.parameters() if not p.requires_grad)
         pred = self.family.predict(model, noisy.to(dtype), t, cond)
@@ -378,6 +464,7 @@ class Trainer:
             "grad_accum": self.cfg.grad_accum,
             "num_processes": self.accelerator.num_processes,
             "denoiser": type(self.family.denoiser).__name__,
+            "fixed_loss_start": self._fixed_start,
         }
 
     def save_checkpoint(self, step: int) -> None:
@@ -388,7 +475,10 @@ class Trainer:
 
             def write(folder: Path) -> None:
                 named = dict(self.family.denoiser.named_parameters())
-                save_file({n: named[n].detach().cpu().contiguous() for n in self.param_names}, str(folder / "trainable.safetensors"))
+                save_file(
+                    {n: named[n].detach().cpu().contiguous() for n in self.param_names},
+                    str(folder / "trainable.safetensors"),
+                )
                 torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
                 torch.save(self.lr_scheduler.state_dict(), folder / "lr_scheduler.pt")
                 if self.ema is not None:
@@ -396,7 +486,9 @@ class Trainer:
                 if acc.scaler is not None:
                     torch.save(acc.scaler.state_dict(), folder / "scaler.pt")
 
-            checkpoints.write_checkpoint(self.output, step, write, self._state(step), self.cfg.checkpoints_total_limit)
+            checkpoints.write_checkpoint(
+                self.output, step, write, self._state(step), self.cfg.checkpoints_total_limit
+            )
         acc.wait_for_everyone()
 
     def load_checkpoint(self, path: Path) -> int:
@@ -406,13 +498,19 @@ class Trainer:
         named = dict(self.family.denoiser.named_parameters())
         missing = sorted(set(self.param_names) - set(tensors))
         if missing:
-            raise ValueError(f"checkpoint {str(path)!r} lacks {len(missing)} trainable weights (e.g. {missing[0]}); was it made with other options?")
+            raise ValueError(
+                f"checkpoint {str(path)!r} lacks {len(missing)} trainable weights (e.g. {missing[0]}); was it made with other options?"
+            )
         with torch.no_grad():
             for n in self.param_names:
                 if named[n].shape != tensors[n].shape:
-                    raise ValueError(f"checkpoint {str(path)!r}: {n} has shape {tuple(tensors[n].shape)}, the model {tuple(named[n].shape)}")
+                    raise ValueError(
+                        f"checkpoint {str(path)!r}: {n} has shape {tuple(tensors[n].shape)}, the model {tuple(named[n].shape)}"
+                    )
                 named[n].copy_(tensors[n])
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+        self.optimizer.load_state_dict(
+            torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        )
         self.lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=False))
         if self.ema is not None:
             if not (path / "ema.pt").is_file():
@@ -452,14 +550,21 @@ class Trainer:
                     self._tb.add_scalar(f"train/{k}", v, row["step"])
 
     @torch.no_grad()
-    def validate(self, step: int) -> Path | None:
-        """Sample the validation prompt with the current weights; PNG for images, GIF for video."""
+    def validate(self, step: int) -> list[Path]:
+        """Sample each validation prompt with the current weights (same seed every time).
+
+        Images go into one PNG row ``samples/step-N.png``; videos into ``samples/step-N[_i].gif``.
+        """
         from diffattn.cli import ZOO_PREFIX
         from diffattn.io import save_frames, save_images
 
         cfg = self.cfg
-        first = self.dataset.items[0].caption if hasattr(self.dataset, "items") else self.dataset.rows[0]["_caption"]
-        prompt = cfg.validation_prompt or first
+        first = (
+            self.dataset.items[0].caption
+            if hasattr(self.dataset, "items")
+            else self.dataset.rows[0]["_caption"]
+        )
+        prompts = list(cfg.validation_prompt or [first])
         call: dict[str, Any] = {}
         if cfg.model.startswith(ZOO_PREFIX):
             from diffattn import zoo
@@ -469,19 +574,27 @@ class Trainer:
         call.update(self.family.validation_kwargs(size[0], size[1], cfg.num_frames))
         if cfg.validation_inference_steps:
             call["num_inference_steps"] = cfg.validation_inference_steps
-        call.update(prompt=prompt or "", output_type="np", generator=torch.Generator("cpu").manual_seed(cfg.seed))
+        call["output_type"] = "np"
         model = self.family.denoiser
         model.eval()
+        outs = []
         try:
-            out = self.pipe(**call)
+            for prompt in prompts:  # one call per prompt: a fixed seed per prompt, any pipeline's batching
+                generator = torch.Generator("cpu").manual_seed(cfg.seed)
+                with self.accelerator.autocast():  # frozen weights in bf16/fp16, LoRA in fp32
+                    outs.append(self.pipe(**{**call, "prompt": prompt, "generator": generator}))
         finally:
             model.train()
         folder = self.output / "samples"
-        if getattr(out, "frames", None) is not None:
-            return save_frames(out.frames[0], folder / f"step-{step:06d}.gif")[0]
-        images = np.asarray(out.images)
-        grid = np.concatenate(list(images), axis=1)  # one row
-        return save_images([grid], folder / f"step-{step:06d}.png")[0]
+        if getattr(outs[0], "frames", None) is not None:
+            names = (
+                [f"step-{step:06d}.gif"]
+                if len(outs) == 1
+                else [f"step-{step:06d}_{i}.gif" for i in range(len(outs))]
+            )
+            return [save_frames(o.frames[0], folder / n)[0] for o, n in zip(outs, names)]
+        grid = np.concatenate([np.asarray(o.images)[0] for o in outs], axis=1)  # one row, a prompt per column
+        return save_images([grid], folder / f"step-{step:06d}.png")
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> TrainResult:
@@ -489,25 +602,33 @@ class Trainer:
 
         cfg, acc = self.cfg, self.accelerator
         start = 0
+        self._fixed_start: float | None = None
         if self.resume_from is not None:
             start = self.load_checkpoint(self.resume_from)
+            self._fixed_start = checkpoints.read_state(self.resume_from).get("fixed_loss_start")
             if acc.is_main_process:
                 print(f"resumed from {self.resume_from} at step {start}", file=sys.stderr)
         self._tb = None
         if acc.is_main_process:
             self.output.mkdir(parents=True, exist_ok=True)
-            _atomic_text(self.output / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+            _atomic_text(
+                self.output / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str)
+            )
             if start:
                 self._trim_log(start)
             self._tb = _tensorboard(self.output / "logs")
-        fixed_start = self.fixed_loss() if acc.is_main_process and start == 0 else None
+        if start == 0:
+            self._fixed_start = self.fixed_loss() if acc.is_main_process else None
+        fixed_start = self._fixed_start
         loader = torch.utils.data.DataLoader(
             _StepData(self.dataset, self.schedule, cfg.seed, acc.process_index, start, cfg.max_steps),
             batch_size=None,
             num_workers=cfg.num_workers,
         )
         it = iter(loader)
-        bar = tqdm(total=cfg.max_steps, initial=start, disable=not acc.is_local_main_process, desc=f"train {cfg.recipe}")
+        bar = tqdm(
+            total=cfg.max_steps, initial=start, disable=not acc.is_main_process, desc=f"train {cfg.recipe}"
+        )
         t0, loss_value = time.perf_counter(), None
         for step in range(start, cfg.max_steps):
             losses = []
@@ -516,13 +637,18 @@ class Trainer:
                 epoch = batch["epoch"]
                 # dropout seeded per micro-batch (same micro-batch -> same mask on any process)
                 torch.manual_seed(sample_seed(cfg.seed, epoch, batch["index"][0], _S_DROPOUT))
-                with acc.accumulate(self.model), acc.autocast():
-                    loss = self.loss_on(self.model, batch, epoch)
+                with acc.accumulate(self.model):
+                    with acc.autocast():
+                        loss = self.loss_on(self.model, batch, epoch)
                     acc.backward(loss)
                     if j == cfg.grad_accum - 1:
                         if not acc.sync_gradients:  # pragma: no cover - accelerate contract
                             raise RuntimeError("gradient accumulation out of step with accelerate")
-                        grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+                        grad_norm = (
+                            acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                            if cfg.max_grad_norm > 0
+                            else None
+                        )
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.detach())
@@ -565,15 +691,26 @@ class Trainer:
             push_to_hub(self.output, cfg.push_to_hub)
         return result
 
-    def save_final(self, steps: int, loss: float | None, fixed_start: float | None, fixed_end: float | None) -> None:
+    def save_final(
+        self, steps: int, loss: float | None, fixed_start: float | None, fixed_end: float | None
+    ) -> None:
         """LoRA (diffusers format), extra modules and the model card, each file renamed into place."""
         from .card import model_card
 
         tmp = Path(tempfile.mkdtemp(dir=self.output, prefix=".tmp-final-"))
         try:
-            adapters.save_lora(type(self.pipe), self.family.component, self.family.denoiser, tmp, self.extra)
-            metrics = {"final_train_loss": loss, "fixed_set_loss_start": fixed_start, "fixed_set_loss_end": fixed_end}
-            (tmp / "README.md").write_text(model_card(self.cfg, self.family, len(self.dataset), steps, metrics))
+            if self.has_lora:
+                adapters.save_lora(type(self.pipe), self.family.lora_component, self.family.denoiser, tmp)
+            if self.extra:
+                adapters.save_extra(self.family.component, self.family.denoiser, tmp, self.extra)
+            metrics = {
+                "final_train_loss": loss,
+                "fixed_set_loss_start": fixed_start,
+                "fixed_set_loss_end": fixed_end,
+            }
+            (tmp / "README.md").write_text(
+                model_card(self.cfg, self.family, len(self.dataset), steps, metrics)
+            )
             for f in tmp.iterdir():
                 os.replace(f, self.output / f.name)
         finally:

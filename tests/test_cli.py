@@ -66,9 +66,11 @@ def test_generate_bad_input(tmp_path, capsys):
 
 def test_bench_and_mask(tmp_path):
     stem = tmp_path / "bench"
-    assert main(["bench", "--grid", "1,8,8", "--heads", "2", "--head-dim", "16", "--repeats", "1", "--out", str(stem)]) == 0
+    args = ["bench", "--grid", "1,8,8", "--heads", "2", "--head-dim", "16", "--repeats", "1"]
+    assert main([*args, "--methods", "dense", "--out", str(stem)]) == 0
     data = json.loads(stem.with_suffix(".json").read_text())
-    assert [r["method"] for r in data["rows"]][:2] == ["dense-sdpa", "dense"]
+    assert [r["method"] for r in data["rows"]] == ["dense-sdpa", "dense"]
+    assert data["rows"][1]["density"] == 1.0
     assert stem.with_suffix(".png").stat().st_size > 0
     png = tmp_path / "mask.png"
     assert main(["mask", "dense", "--grid", "2,8,8", "--block-size", "32", "--out", str(png)]) == 0

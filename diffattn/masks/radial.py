@@ -24,7 +24,7 @@ in the reference.
 
 Everything is computed from frame-pair windows and block index ranges, never by evaluating the token
 rule over all ``n**2`` pairs (except :func:`radial_token_mask`, which is that mask, for small shapes).
-Results are cached by shape and options.
+Block bitmaps and the engine's parts are cached by shape and options.
 """
 
 from __future__ import annotations
@@ -289,32 +289,16 @@ def radial_token_mask(
 ) -> torch.Tensor:
     """The exact ``(n, n)`` boolean token mask (``n = num_frames * tokens_per_frame + text_tokens``).
 
-    Memory is ``n**2`` bytes: for pictures, references and small shapes.
+    Memory is ``n**2`` bytes, so it is not cached: for pictures, references and small shapes.
     """
     _check(num_frames, tokens_per_frame, decay_factor, block_size, text_tokens, text_position, "token", adjacent)
-    return _token_mask(
-        num_frames, tokens_per_frame, float(decay_factor), block_size, bool(sink), adjacent,
-        text_tokens, text_position if text_tokens else None,
-    ).clone()
-
-
-@functools.lru_cache(maxsize=8)
-def _token_mask(
-    num_frames: int,
-    tokens_per_frame: int,
-    decay_factor: float,
-    block_size: int,
-    sink: bool,
-    adjacent: str,
-    n_text: int,
-    text_position: str | None,
-) -> torch.Tensor:
+    position = text_position if text_tokens else None
     s = tokens_per_frame
-    n = num_frames * s + n_text
+    n = num_frames * s + text_tokens
     rule = RadialTokenRule(
-        _window_table(num_frames, s, decay_factor, block_size, sink, adjacent),
+        _window_table(num_frames, s, float(decay_factor), block_size, bool(sink), adjacent),
         s,
-        _visual_offset(n_text, text_position),
+        _visual_offset(text_tokens, position),
     )
     idx = torch.arange(n)
     mask = torch.empty(n, n, dtype=torch.bool)
@@ -322,7 +306,7 @@ def _token_mask(
     step = max(1, (1 << 22) // n)
     for r in range(0, n, step):  # row chunks keep the int64 temporaries small
         mask[r : r + step] = rule(zero, zero, idx[r : r + step, None], idx[None, :])
-    text = text_dense_ranges(n, n_text, text_position)
+    text = text_dense_ranges(n, text_tokens, position)
     if text is not None:
         mask[text[0] : text[1], :] = True
         mask[:, text[0] : text[1]] = True

@@ -139,15 +139,16 @@ def merge(x: torch.Tensor, matching: Matching, r: int, mode: str = "mean") -> to
     """
     if not 0 <= r <= matching.num_src:
         raise ValueError(f"r={r} must be in [0, {matching.num_src}] (the number of src tokens)")
-    src, dst = x[:, matching.src_pos], x[:, matching.dst_pos]
-    b = x.shape[0]
-    order = matching.order.expand(b, -1)
-    unm = _rows(src, order[:, r:])
-    if r == 0:
-        return torch.cat([unm, dst], dim=1)
-    merged = order[:, :r]
-    into = torch.gather(matching.best_dst.expand(b, -1), 1, merged)
-    dst = dst.scatter_reduce(1, into.unsqueeze(-1).expand(-1, -1, x.shape[-1]), _rows(src, merged), reduce=mode)
+    order = matching.order.expand(x.shape[0], -1)
+    # rows are gathered straight from x by position: no intermediate src/dst copies
+    unm = _rows(x, matching.src_pos[order[:, r:]])
+    dst = x[:, matching.dst_pos]
+    if r > 0:
+        merged = order[:, :r]
+        into = torch.gather(matching.best_dst.expand(x.shape[0], -1), 1, merged)
+        index = into.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        # in place on the fresh copy `dst` (autograd-safe: indexing does not keep its output)
+        dst = dst.scatter_reduce_(1, index, _rows(x, matching.src_pos[merged]), reduce=mode)
     return torch.cat([unm, dst], dim=1)
 
 
@@ -160,16 +161,14 @@ def unmerge(y: torch.Tensor, matching: Matching, r: int) -> torch.Tensor:
     n, ns = matching.num_tokens, matching.num_src
     if y.shape[1] != n - r:
         raise ValueError(f"expected {n - r} merged tokens (N={n}, r={r}), got {y.shape[1]}")
-    b, c = y.shape[0], y.shape[-1]
-    unm, dst = y[:, : ns - r], y[:, ns - r :]
+    b = y.shape[0]
     order = matching.order.expand(b, -1)
-    src = torch.empty(b, ns, c, dtype=y.dtype, device=y.device)
-    src = src.scatter(1, order[:, r:].unsqueeze(-1).expand(-1, -1, c), unm)
+    # for every position, the row of y it takes its value from; then one gather over (N, C)
+    row = torch.empty(b, n, dtype=torch.long, device=y.device)
+    row[:, matching.dst_pos] = torch.arange(ns - r, n - r, device=y.device)
+    row.scatter_(1, matching.src_pos[order[:, r:]], torch.arange(ns - r, device=y.device).expand(b, -1))
     if r > 0:
         merged = order[:, :r]
         into = torch.gather(matching.best_dst.expand(b, -1), 1, merged)
-        src = src.scatter(1, merged.unsqueeze(-1).expand(-1, -1, c), _rows(dst, into))
-    out = torch.empty(b, n, c, dtype=y.dtype, device=y.device)
-    out[:, matching.src_pos] = src
-    out[:, matching.dst_pos] = dst
-    return out
+        row.scatter_(1, matching.src_pos[merged], into + (ns - r))
+    return _rows(y, row)

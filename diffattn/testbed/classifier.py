@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from .data import DIGIT_SIZE, NUM_CLASSES, DigitsDataset, replace_dir
+from .data import DIGIT_SIZE, NUM_CLASSES, DigitsDataset, make_tmp_dir, replace_dir
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 CLASSIFIER_DIR = WEIGHTS_DIR / "digit-classifier"
@@ -102,7 +101,8 @@ def _as_float(x: torch.Tensor) -> torch.Tensor:
 
 def _array_to_nchw(arr: np.ndarray) -> torch.Tensor:
     """numpy images: (H, W), (H, W, C), (N, H, W), (N, H, W, C) or (N, C, H, W) -> NCHW float tensor."""
-    t = _as_float(torch.from_numpy(np.ascontiguousarray(arr)))
+    arr = np.ascontiguousarray(arr)
+    t = _as_float(torch.from_numpy(arr if arr.flags.writeable else arr.copy()))  # PIL arrays are read-only
     if t.ndim == 2:
         return t[None, None]
     if t.ndim == 3:
@@ -206,22 +206,47 @@ def train_classifier(
     out_dir: str | os.PathLike | None = None,
     *,
     seed: int = 0,
-    epochs: int = 25,
+    epochs: int = 15,
     batch_size: int = 64,
     lr: float = 3e-3,
     progress: bool = True,
+    threads: int | None = 1,
 ) -> dict[str, Any]:
     """Train the digit classifier on the train split and save it (atomically) to ``out_dir``.
 
     Returns the training record also written to ``training.json``: held-out accuracy on the 32x32
     digits and after the generated-image round trip (:func:`as_generated` then
     :func:`to_classifier_input`), per-epoch loss, and the settings. Global RNG state is left untouched.
-    """
-    from tqdm.auto import tqdm
 
+    ``threads`` caps torch's intra-op threads while training (restored after): convolutions this small
+    run fastest on one thread, and several spinning OpenMP threads slow a busy machine down.
+    """
     out = Path(out_dir) if out_dir is not None else CLASSIFIER_DIR
     train, held = DigitsDataset("train"), DigitsDataset("heldout")
     g = torch.Generator().manual_seed(seed)
+    n_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(max(1, min(threads, n_threads)))
+    try:
+        record = _fit(train, held, g, seed, epochs, batch_size, lr, progress)
+    finally:
+        torch.set_num_threads(n_threads)
+    save_classifier(record.pop("model"), out, record)
+    return record
+
+
+def _fit(
+    train: DigitsDataset,
+    held: DigitsDataset,
+    g: torch.Generator,
+    seed: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    progress: bool,
+) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
     history = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # initialisation and dropout
@@ -244,7 +269,7 @@ def train_classifier(
                 sched.step()
                 total += float(loss.detach()) * len(idx)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}")
+                bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3f}")
             acc = accuracy(model, held.images, held.labels)
             history.append({"epoch": epoch, "loss": round(total / len(train), 5), "heldout_accuracy": round(acc, 5)})
         bar.close()
@@ -261,8 +286,8 @@ def train_classifier(
         "heldout_accuracy_generated_roundtrip": round(accuracy(model, as_generated(held.images), held.labels), 5),
         "parameters": sum(p.numel() for p in model.parameters()),
         "history": history,
+        "model": model,
     }
-    save_classifier(model, out, record)
     return record
 
 
@@ -270,7 +295,7 @@ def save_classifier(model: DigitClassifier, out_dir: str | os.PathLike, record: 
     """Write the classifier folder under a temporary name, then rename it into place."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = make_tmp_dir(out)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if record is not None:

@@ -12,10 +12,10 @@ Every dataset is deterministic given its seed: item ``i`` is drawn from a genera
 ``pixel_values`` (``(C, H, W)`` float in ``[0, 1]``, white ink on black for digits) and ``caption``.
 
 :func:`write_image_folder` exports any of them in the formats ``diffattn.lora`` reads: an image folder
-with ``metadata.jsonl`` (``{"file_name", "text", ...}`` per line) and, for scenes, ``boxes.jsonl``
-(``{"file_name", "text", "instances": [{"box": [x1, y1, x2, y2], "caption": "a 3", "label": 3}]}``;
-``instances`` is exactly what ``RegionalControlPipeline`` takes). Folders are written to a temporary
-directory and renamed into place, so an interrupted export leaves nothing half-written.
+with ``metadata.jsonl`` (``{"file_name", "text", "label"}`` per line) and, for scenes, ``boxes.jsonl``
+(``{"file_name", "text", "boxes": [[x1, y1, x2, y2], ...], "box_captions": ["a 3", ...], "labels": [3, ...],
+"normalized": true}``). Folders are written to a temporary directory and renamed into place, so an
+interrupted export leaves nothing half-written.
 
 scikit-learn and scikit-image are the ``testbed`` extra; they are imported only when data is loaded.
 """
@@ -393,8 +393,7 @@ def write_image_folder(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = make_tmp_dir(out)
     try:
         meta, boxes = [], []
         total = len(dataset) if hasattr(dataset, "__len__") else None  # type: ignore[arg-type]
@@ -405,14 +404,24 @@ def write_image_folder(
             if "label" in item:
                 row["label"] = int(item["label"])
             meta.append(row)
-            if "instances" in item:
-                boxes.append({"file_name": name, "text": item["caption"], "instances": item["instances"]})
+            if "instances" in item:  # the layout diffattn.lora's BoxesJsonl reads
+                inst = item["instances"]
+                boxes.append(
+                    {
+                        "file_name": name,
+                        "text": item["caption"],
+                        "boxes": [i["box"] for i in inst],
+                        "box_captions": [i["caption"] for i in inst],
+                        "labels": [i["label"] for i in inst],
+                        "normalized": True,
+                    }
+                )
             if sidecar_txt:
                 (tmp / f"{i:05d}.txt").write_text(item["caption"] + "\n")
         _write_jsonl(tmp / "metadata.jsonl", meta)
         if boxes:
             _write_jsonl(tmp / "boxes.jsonl", boxes)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -436,9 +445,29 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_tmp_dir(out: str | os.PathLike) -> Path:
+    """A fresh hidden folder beside ``out`` (same filesystem, so the final rename is atomic)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+
+
 def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
-    """Atomically publish a finished folder ``tmp`` as ``out`` (used by every testbed writer)."""
-    _replace_dir(Path(tmp), Path(out))
+    """Atomically publish a finished folder ``tmp`` as ``out`` (used by every testbed writer).
+
+    mkdtemp (and some writers' temp files) are private (0700 / 0600); the published folder gets the
+    permissions a plain mkdir / open would have given.
+    """
+    tmp, mask = Path(tmp), _umask()
+    for p in [tmp, *tmp.rglob("*")]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+    _replace_dir(tmp, Path(out))
 
 
 DATASETS: dict[str, Callable[..., Dataset]] = {

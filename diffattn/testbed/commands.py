@@ -1,0 +1,73 @@
+"""What ``diffattn testbed ...`` runs: train a testbed model, export a dataset, list what ships."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _train_classifier(out: str | os.PathLike | None, seed: int, **options: Any) -> dict[str, Any]:
+    from .classifier import train_classifier
+
+    return train_classifier(out, seed=seed, **options)
+
+
+# name -> (out, seed, **options) -> training record; the diffusion testbed models join this table
+# once their recipes run on diffattn.lora's trainer
+TRAINERS: dict[str, Callable[..., dict[str, Any]]] = {
+    "classifier": _train_classifier,
+}
+
+
+def train(name: str, out: str | os.PathLike | None = None, seed: int = 0, **options: Any) -> dict[str, Any]:
+    """Train testbed target ``name`` (default output: its shipped folder inside the package)."""
+    if name not in TRAINERS:
+        raise ValueError(f"unknown testbed training target {name!r}; valid names: {', '.join(TRAINERS)}")
+    return TRAINERS[name](out, seed, **options)
+
+
+def export(
+    name: str,
+    out: str | os.PathLike,
+    *,
+    split: str = "train",
+    count: int | None = None,
+    seed: int = 0,
+    size: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write testbed dataset ``name`` (``digits``, ``scenes``, ``photos``) as an image folder."""
+    from .data import DATASETS, build_dataset, write_image_folder
+
+    if name not in DATASETS:
+        raise ValueError(f"unknown testbed dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    kw: dict[str, Any] = {}
+    if name == "digits":
+        if count is not None:
+            raise ValueError("digits has a fixed size per split; --count applies to scenes and photos")
+        kw = {"split": split, **({"size": size} if size else {})}
+    elif name == "scenes":
+        kw = {"split": split, "seed": seed, "num_scenes": count or 1000, **({"canvas": size} if size else {})}
+    else:
+        kw = {"seed": seed, "num_crops": count or 1000, **({"size": size} if size else {})}
+    return write_image_folder(build_dataset(name, **kw), out, overwrite=overwrite)
+
+
+def listing() -> list[str]:
+    """One line per testbed model, the classifier and each dataset, saying what ships."""
+    from .classifier import CLASSIFIER_DIR
+    from .data import DATASETS
+    from .models import MODELS, weights_dir
+
+    lines = []
+    for name, spec in MODELS.items():
+        shipped = (weights_dir(name) / "model_index.json").is_file()
+        lines.append(f"{name:14s} {'shipped' if shipped else 'not trained':12s} {spec.description}")
+    clf = (CLASSIFIER_DIR / "config.json").is_file()
+    lines.append(f"{'classifier':14s} {'shipped' if clf else 'not trained':12s} digit classifier, the judge of generated digits")
+    for name, cls in DATASETS.items():
+        doc = (cls.__doc__ or "").splitlines()[0].replace("``", "")
+        lines.append(f"{name:14s} {'dataset':12s} {doc}")
+    return lines

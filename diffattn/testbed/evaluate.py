@@ -1,0 +1,249 @@
+"""``diffattn evaluate``: a method against dense attention on the same seeds -> JSON report + PNG grid.
+
+Sample ``i`` uses seed ``seed + i`` (a CPU generator, so samples do not depend on the device) and, on
+a digits testbed model, the caption of class ``i % 10``. Samples run in batches: each batch runs once
+with the pipeline's own processors (dense) while forward hooks record every attention layer's output,
+then once with the method applied while the hooks accumulate the per-layer error against that record.
+
+The report holds only what the command determines (no timestamps or wall times unless ``timing`` is
+asked for), with floats rounded to 6 decimals, so the same command gives the same JSON.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ZOO_PREFIX = "zoo:"
+TESTBED_PREFIX = "testbed:"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Target:
+    """A pipeline to evaluate and how to call it."""
+
+    pipe: Any
+    call_kwargs: dict[str, Any]  # everything but prompt / generator / negative_prompt per sample
+    prompt: str | None  # the one prompt of non-digit models
+    num_classes: int  # > 0: a digits model, judged by the classifier
+
+
+def resolve(model: str, device: str = "cpu", dtype: str = "fp32") -> Target:
+    """``zoo:NAME``, ``testbed:NAME`` or a pipeline folder (a testbed folder when it has ``testbed.json``)."""
+    from . import models
+
+    torch_dtype = DTYPES[dtype]
+    if model.startswith(ZOO_PREFIX):
+        from .. import zoo
+
+        name = model[len(ZOO_PREFIX) :]
+        pipe = zoo.load(name, dtype=torch_dtype).to(device)
+        kw = zoo.default_call_kwargs(name)
+        kw.pop("generator", None)
+        return Target(pipe, kw, kw.pop("prompt", ""), 0)
+    if model.startswith(TESTBED_PREFIX):
+        name = model[len(TESTBED_PREFIX) :]
+        spec = models.get(name)
+        pipe = models.load(name, dtype=torch_dtype, device=device)
+        return Target(pipe, dict(spec.call_kwargs), None, spec.num_classes)
+    folder = Path(model)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--model {model!r} is not zoo:NAME, testbed:NAME or an existing pipeline folder")
+    info = models.read_info(folder)
+    pipe = models.load_folder(folder, dtype=torch_dtype, device=device)
+    if info is not None:
+        return Target(pipe, dict(info.get("call_kwargs", {})), None, len(info.get("captions", [])))
+    return Target(pipe, {"output_type": "np"}, "", 0)
+
+
+def _outputs(out: Any) -> np.ndarray:
+    """Pipeline output -> float array (N, H, W, C) for images or (N, F, H, W, C) for videos, in [0, 1]."""
+    frames = getattr(out, "frames", None)
+    arr = frames if frames is not None else out.images
+    if isinstance(arr, torch.Tensor):
+        arr = arr.float().cpu().numpy()
+    if isinstance(arr, list):
+        arr = np.stack([np.asarray(a) for a in arr])
+    arr = np.asarray(arr)
+    return arr.astype(np.float64) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float64)
+
+
+def _r(x: float) -> float | None:
+    """Round for the report; non-finite values become ``None`` (JSON has no infinity)."""
+    return round(float(x), 6) if math.isfinite(float(x)) else None
+
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": _r(v.mean()), "min": _r(v.min()), "max": _r(v.max()), "per_sample": [_r(x) for x in v]}
+
+
+def evaluate(
+    model: str,
+    method: str,
+    options: dict[str, Any] | None = None,
+    samples: int = 20,
+    steps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 10,
+    out_dir: str | os.PathLike | None = None,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    timing: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``method`` (with ``options``) against dense attention; write ``report.json`` and
+    ``grid.png`` to ``out_dir`` when given. Returns the report."""
+    from tqdm.auto import tqdm
+
+    import diffattn
+
+    from .. import registry
+    from . import metrics
+    from .data import caption_for
+    from .models import prompt_kwargs
+
+    options = dict(options or {})
+    registry.get(method).build_config(options)  # fail on a bad method or option before any work
+    if samples < 1 or batch_size < 1:
+        raise ValueError(f"samples and batch_size must be >= 1, got {samples}, {batch_size}")
+    target = resolve(model, device=device, dtype=dtype)
+    pipe, base = target.pipe, dict(target.call_kwargs)
+    diffattn.apply(pipe, method, **options).remove()  # a model the method cannot patch fails before any sampling
+    if steps is not None:
+        base["num_inference_steps"] = steps
+    base["output_type"] = "np"
+    labels = [i % target.num_classes for i in range(samples)] if target.num_classes else None
+    prompts = [caption_for(lab) for lab in labels] if labels else [target.prompt or ""] * samples
+
+    errors = metrics.LayerErrors()
+    dense_out, method_out, patched = [], [], 0
+    wall = {"dense_s": 0.0, "method_s": 0.0}
+    batches = range(0, samples, batch_size)
+    for start in tqdm(batches, desc=f"evaluate {method}", disable=not progress):
+        idx = range(start, min(start + batch_size, samples))
+
+        def kwargs(idx: range = idx) -> dict[str, Any]:
+            gens = [torch.Generator("cpu").manual_seed(seed + i) for i in idx]
+            return prompt_kwargs(base, [prompts[i] for i in idx], gens)
+
+        with metrics.record_attention_outputs(pipe) as ref:
+            t0 = time.perf_counter()
+            dense_out.append(_outputs(pipe(**kwargs())))
+            wall["dense_s"] += time.perf_counter() - t0
+        with diffattn.apply(pipe, method, **options) as patch, metrics.compare_attention_outputs(pipe, ref, errors):
+            patched = len(patch.layers)
+            t0 = time.perf_counter()
+            method_out.append(_outputs(pipe(**kwargs())))
+            wall["method_s"] += time.perf_counter() - t0
+        del ref
+
+    dense, approx = np.concatenate(dense_out), np.concatenate(method_out)
+    video = dense.ndim == 5
+    # videos: every frame is an image; per-sample scores average that sample's frames
+    flat_d = dense.reshape(-1, *dense.shape[-3:])
+    flat_m = approx.reshape(-1, *approx.shape[-3:])
+    per = dense.shape[1] if video else 1
+    psnr = metrics.psnr(flat_m, flat_d).view(samples, per).mean(1).tolist()
+    ssim = metrics.ssim(flat_m, flat_d).view(samples, per).mean(1).tolist()
+    layers = {
+        name: {k: (_r(v) if isinstance(v, float) else v) for k, v in row.items()} for name, row in errors.result().items()
+    }
+    finite = [row["rel_error"] for row in layers.values() if row["rel_error"] is not None]
+    report: dict[str, Any] = {
+        "model": model,
+        "method": method,
+        "options": options,
+        "samples": samples,
+        "steps": base.get("num_inference_steps"),
+        "seed": seed,
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "video": video,
+        "patched_layers": patched,
+        "psnr_db": _summary(psnr),
+        "ssim": _summary(ssim),
+        "layer_rel_error_mean": _r(float(np.mean(finite))) if finite else None,
+        "layers": layers,
+        "environment": {"torch": torch.__version__, "diffusers": _version("diffusers"), "device": device},
+    }
+    if video and dense.shape[1] > 1:  # frame-to-frame steadiness, dense vs method
+        report["temporal_consistency"] = {
+            key: {
+                m: _r(float(np.mean([metrics.temporal_consistency(v)[m] for v in arr])))
+                for m in ("psnr_db", "ssim")
+            }
+            for key, arr in (("dense", dense), ("method", approx))
+        }
+    if labels is not None:
+        from .classifier import load_classifier
+
+        clf = load_classifier(device="cpu")
+        acc = {}
+        for key, arr in (("dense", dense), ("method", approx)):
+            res = metrics.class_accuracy(arr if not video else arr[:, 0], labels, classifier=clf)
+            acc[key] = {"accuracy": _r(res["accuracy"]), "per_class": {k: _r(v) for k, v in res["per_class"].items()}}
+        report["class_accuracy"] = acc
+    if timing:  # wall times differ run to run: only on request, and outside every compared field
+        report["timing"] = {k: round(v, 3) for k, v in wall.items()}
+    if out_dir is not None:
+        from ..benchmark import write_json
+        from ..io import save_images
+
+        out = Path(out_dir)
+        write_json(out / "report.json", report)
+        frames_d = dense[:, 0] if video else dense
+        frames_m = approx[:, 0] if video else approx
+        save_images([comparison_grid(frames_d, frames_m, method, [str(lab) for lab in labels] if labels else None)], out / "grid.png")
+    return report
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import version
+
+    return version(pkg)
+
+
+def comparison_grid(
+    dense: np.ndarray, method: np.ndarray, method_name: str, captions: list[str] | None = None, columns: int = 10
+) -> Any:
+    """PIL image: blocks of ``columns`` samples, each a dense row above a method row, labelled on the left."""
+    from PIL import Image, ImageDraw
+
+    n, h, w = dense.shape[:3]
+    scale = max(1, 64 // max(h, w))  # blow tiny samples up (nearest) so they can be seen
+    ch, cw = h * scale, w * scale
+    pad, label_w, caption_h = 2, 64, 12 if captions else 0
+    cols = min(columns, n)
+    blocks = math.ceil(n / cols)
+    block_h = caption_h + 2 * (ch + pad)
+    grid = Image.new("RGB", (label_w + cols * (cw + pad), blocks * block_h + pad), "white")
+    draw = ImageDraw.Draw(grid)
+
+    def tile(arr: np.ndarray) -> Image.Image:
+        img = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+        img = img[..., 0] if img.shape[-1] == 1 else img[..., :3]
+        return Image.fromarray(img).convert("RGB").resize((cw, ch), Image.NEAREST)
+
+    for b in range(blocks):
+        y0 = b * block_h + pad
+        draw.text((2, y0 + caption_h + ch // 2 - 5), "dense", fill="black")
+        draw.text((2, y0 + caption_h + ch + pad + ch // 2 - 5), method_name[:10], fill="black")
+        for c in range(cols):
+            i = b * cols + c
+            if i >= n:
+                break
+            x = label_w + c * (cw + pad)
+            if captions:
+                draw.text((x + 2, y0), captions[i], fill="black")
+            grid.paste(tile(dense[i]), (x, y0 + caption_h))
+            grid.paste(tile(method[i]), (x, y0 + caption_h + ch + pad))
+    return grid

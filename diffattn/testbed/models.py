@@ -1,0 +1,398 @@
+"""Testbed diffusion models: their definitions, the registry of names, saving and loading.
+
+Both are stock diffusers pipelines in pixel space (32x32 RGB), so every processor, scheduler and the
+trainer's SD / Flux code paths apply unchanged:
+
+=============  ======================================================================================
+name           what it is
+=============  ======================================================================================
+digits-unet    ``StableDiffusionPipeline``: class-conditional ``UNet2DConditionModel`` (1.0 M; self- and
+               cross-attention at 16x16 and 8x8 plus the mid block; captions ``"a 3"`` through a
+               tiny frozen CLIP text encoder), ``DDIMScheduler`` (cosine betas, v-prediction) — the
+               Stable Diffusion stand-in.
+digits-dit     ``FluxPipeline``: tiny ``FluxTransformer2DModel`` (0.5 M; 2 double + 2 single blocks, rotary
+               positions, joint text/image attention: 2x2-packed pixels -> 16x16 tokens at 32 px;
+               runs at other sizes), tiny frozen CLIP + T5, ``FlowMatchEulerDiscreteScheduler`` —
+               the DiT stand-in.
+=============  ======================================================================================
+
+The autoencoder of both is :class:`PixelSpaceVAE`, the identity: latents are the pixels in
+``[-1, 1]`` (``scaling_factor`` 1, ``shift_factor`` 0, ``vae_scale_factor`` 1). Text encoders are
+random, frozen and deterministic: distinct captions give distinct embeddings, and only the denoiser
+trains. Use classifier-free guidance (train with caption dropout to ``""``).
+
+:func:`build` gives the untrained pipeline (the trainer's starting point); :func:`save` writes a
+pipeline folder atomically with a ``testbed.json`` (name, default call, captions); :func:`load` /
+:func:`load_folder` read one back and name the missing file or wrong class when a folder is broken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_utils import ModelMixin
+from transformers import CLIPTextModel, T5EncoderModel
+
+from .data import NUM_CLASSES, caption_for, make_tmp_dir, replace_dir
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+TESTBED_FILE = "testbed.json"
+TEXT_LENGTH = 16  # tokens per caption ("a 3, a 7 and a 1" is 11 CLIP tokens with BOS/EOS)
+
+
+class PixelSpaceVAE(ModelMixin, ConfigMixin):
+    """The identity autoencoder: lets stock latent pipelines (SD, Flux) run in pixel space.
+
+    ``encode(x).latent_dist`` is a deterministic distribution at ``x`` and ``decode(z).sample`` is ``z``;
+    the config carries what pipelines read (``block_out_channels`` of length 1 -> ``vae_scale_factor``
+    1, ``latent_channels``, ``scaling_factor`` 1, ``shift_factor`` 0).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        latent_channels: int = 3,
+        block_out_channels: tuple[int, ...] = (3,),
+        scaling_factor: float = 1.0,
+        shift_factor: float = 0.0,
+        sample_size: int = 32,
+        force_upcast: bool = False,
+    ) -> None:
+        super().__init__()
+        if in_channels != latent_channels:
+            raise ValueError(f"identity VAE needs in_channels == latent_channels, got {in_channels}, {latent_channels}")
+        # one scalar so .dtype / .device / save_pretrained behave like any other model
+        self.register_buffer("anchor", torch.zeros(()), persistent=True)
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
+        dist = DiagonalGaussianDistribution(torch.cat([x, torch.zeros_like(x)], dim=1), deterministic=True)
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, generator: Any = None) -> DecoderOutput | tuple:
+        return DecoderOutput(sample=z) if return_dict else (z,)
+
+    def forward(self, sample: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
+        return self.decode(sample, return_dict=return_dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Builders (random weights, deterministic given the seed)
+# --------------------------------------------------------------------------------------------------
+
+
+def _seed(seed: int, k: int) -> None:
+    torch.manual_seed(seed * 1000 + k)  # a distinct stream per component
+
+
+def _clip(seed: int) -> tuple[Any, CLIPTextModel]:
+    from ..zoo import _clip_config, _clip_tokenizer
+
+    tok = _clip_tokenizer(model_max_length=TEXT_LENGTH)
+    _seed(seed, 1)
+    return tok, CLIPTextModel(_clip_config(tok, hidden=32, projection_dim=32)).eval().requires_grad_(False)
+
+
+def _t5(seed: int) -> tuple[Any, T5EncoderModel]:
+    from ..zoo import _t5_config, _t5_tokenizer
+
+    tok = _t5_tokenizer(model_max_length=TEXT_LENGTH)
+    _seed(seed, 2)
+    return tok, T5EncoderModel(_t5_config(tok, d_model=32)).eval().requires_grad_(False)
+
+
+def build_digits_unet(
+    seed: int = 0, block_out_channels: tuple[int, ...] = (16, 32, 64), heads: tuple[int, ...] = (1, 2, 4)
+) -> StableDiffusionPipeline:
+    """Untrained ``digits-unet``: pixel-space class-conditional UNet2DConditionModel (~1.0 M parameters).
+
+    The default width is sized for the issue's budget (retraining in <= 30 min on 2 CPU cores: a
+    batch-32 training step is well under a second); ``block_out_channels`` / ``heads`` scale it.
+    """
+    tok, text_encoder = _clip(seed)
+    _seed(seed, 0)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=1,
+        # attention at 16x16 (256 tokens) and 8x8 plus the mid block; the 32x32 level has none, like
+        # SDXL's first level, which keeps CPU training within its budget
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=tuple(heads),  # diffusers naming quirk: the number of heads (head dim 16)
+        cross_attention_dim=32,
+        norm_num_groups=8,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",  # cosine: the usual choice for small pixel-space images
+        # v: well conditioned at the cosine schedule's near-zero SNR end, where epsilon is not (and
+        # StableDiffusionPipeline forces clip_sample off, so x0 clipping cannot rescue epsilon)
+        prediction_type="v_prediction",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=1,
+        timestep_spacing="trailing",  # sampling starts at t=999, the noise level training ends at
+    )
+    return StableDiffusionPipeline(
+        vae=PixelSpaceVAE(),
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_digits_dit(
+    seed: int = 0, num_layers: int = 2, num_single_layers: int = 2, heads: int = 4
+) -> FluxPipeline:
+    """Untrained ``digits-dit``: tiny pixel-space FluxTransformer2DModel (~0.5 M parameters, width 64).
+
+    Sized like ``digits-unet`` for CPU retraining; ``num_layers`` (double-stream blocks),
+    ``num_single_layers`` and ``heads`` (of dim 16) scale it.
+    """
+    tok, text_encoder = _clip(seed)
+    tok_2, text_encoder_2 = _t5(seed)
+    _seed(seed, 0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=12,  # 3 pixel channels packed 2x2 by the pipeline
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=16,
+        num_attention_heads=heads,
+        joint_attention_dim=32,  # T5 d_model
+        pooled_projection_dim=32,  # CLIP hidden size
+        guidance_embeds=False,  # real classifier-free guidance (true_cfg_scale), not distilled
+        axes_dims_rope=(4, 6, 6),  # (text/frame, row, column); sums to the head dim
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=PixelSpaceVAE(),
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tok_2,
+        transformer=transformer,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TestbedModel:
+    """A testbed model: how to build it untrained, and how to call it.
+
+    Attributes:
+        name: registry name (also the folder name under ``diffattn/testbed/weights``).
+        pipeline_class: the diffusers pipeline class its folder must hold.
+        denoiser: the denoiser component and its class.
+        build: ``(seed, **options) -> pipeline`` with random weights.
+        call_kwargs: default generation keywords (25 steps, guidance); ``prompt`` / ``generator`` excluded.
+        num_classes: digit classes (captions ``caption_for(label)``); 0 for models without classes.
+    """
+
+    __test__ = False  # not a pytest test class despite the name
+
+    name: str
+    description: str
+    pipeline_class: str
+    denoiser: tuple[str, str]
+    build: Callable[..., DiffusionPipeline]
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_classes: int = NUM_CLASSES
+
+    def captions(self) -> list[str]:
+        return [caption_for(c) for c in range(self.num_classes)]
+
+
+_IMAGE_CALL = {"height": 32, "width": 32, "num_inference_steps": 25, "output_type": "np"}
+
+MODELS: dict[str, TestbedModel] = {
+    m.name: m
+    for m in (
+        TestbedModel(
+            name="digits-unet",
+            description="class-conditional pixel-space UNet2DConditionModel on 32x32 digits (SD stand-in)",
+            pipeline_class="StableDiffusionPipeline",
+            denoiser=("unet", "UNet2DConditionModel"),
+            build=build_digits_unet,
+            call_kwargs={**_IMAGE_CALL, "guidance_scale": 3.0},
+        ),
+        TestbedModel(
+            name="digits-dit",
+            description="class-conditional tiny pixel-space FluxTransformer2DModel on 32x32 digits (DiT stand-in)",
+            pipeline_class="FluxPipeline",
+            denoiser=("transformer", "FluxTransformer2DModel"),
+            build=build_digits_dit,
+            call_kwargs={**_IMAGE_CALL, "true_cfg_scale": 3.0, "negative_prompt": "", "max_sequence_length": TEXT_LENGTH},
+        ),
+    )
+}
+
+
+def names() -> list[str]:
+    """Names of the testbed models."""
+    return list(MODELS)
+
+
+def get(name: str) -> TestbedModel:
+    """The registry entry for ``name``; unknown names raise ``ValueError`` listing the valid ones."""
+    if name not in MODELS:
+        raise ValueError(f"unknown testbed model {name!r}; valid names: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def build(name: str, seed: int = 0, **options: Any) -> DiffusionPipeline:
+    """The untrained pipeline ``name`` (random weights from ``seed``; global RNG state untouched).
+
+    ``options`` go to the builder (e.g. ``block_out_channels`` for ``digits-unet``).
+    """
+    spec = get(name)
+    with torch.random.fork_rng(devices=[]):
+        pipe = spec.build(seed, **options)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def default_call_kwargs(name: str) -> dict[str, Any]:
+    """A fresh copy of the default generation keywords of ``name`` (no prompt, no generator)."""
+    return dict(get(name).call_kwargs)
+
+
+def prompt_kwargs(call_kwargs: dict[str, Any], prompts: list[str], generators: list[torch.Generator]) -> dict[str, Any]:
+    """``call_kwargs`` for a batch: the prompts, one generator per sample, and a negative prompt per
+    prompt (pipelines want ``negative_prompt`` to match ``prompt`` in type and length)."""
+    kw = dict(call_kwargs)
+    kw["prompt"], kw["generator"] = list(prompts), list(generators)
+    if isinstance(kw.get("negative_prompt"), str):
+        kw["negative_prompt"] = [kw["negative_prompt"]] * len(prompts)
+    return kw
+
+
+def weights_dir(name: str) -> Path:
+    """Where the shipped folder of ``name`` lives inside the package."""
+    return WEIGHTS_DIR / get(name).name
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving and loading
+# --------------------------------------------------------------------------------------------------
+
+
+def save(pipe: DiffusionPipeline, out_dir: str | os.PathLike, name: str, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``pipe`` as a diffusers folder plus ``testbed.json``, under a temp name then renamed."""
+    spec = get(name)
+    if type(pipe).__name__ != spec.pipeline_class:
+        raise ValueError(f"{name} is a {spec.pipeline_class}, got a {type(pipe).__name__}")
+    out = Path(out_dir)
+    tmp = make_tmp_dir(out)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        info = {
+            "name": spec.name,
+            "pipeline_class": spec.pipeline_class,
+            "call_kwargs": spec.call_kwargs,
+            "captions": spec.captions(),
+            **(extra or {}),
+        }
+        (tmp / TESTBED_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_info(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``testbed.json`` of a pipeline folder, or ``None`` for folders that are not testbed models."""
+    path = Path(folder) / TESTBED_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_folder(folder: str | os.PathLike, name: str | None = None) -> None:
+    """Raise naming the missing file or the wrong class when ``folder`` is not a loadable pipeline.
+
+    With ``name`` (or a ``testbed.json`` in the folder) the pipeline and denoiser classes are checked
+    against that testbed model.
+    """
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} is missing: not a diffusers pipeline folder")
+    model_index = json.loads(index.read_text())
+    if name is None:
+        info = read_info(folder)
+        name = info.get("name") if info else None
+    spec = get(name) if name is not None else None
+    if spec is not None and model_index.get("_class_name") != spec.pipeline_class:
+        raise ValueError(f"{index} holds a {model_index.get('_class_name')!r}; {spec.name} expects {spec.pipeline_class!r}")
+    for comp, entry in model_index.items():
+        if comp.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        sub = folder / comp
+        if not sub.is_dir():
+            raise FileNotFoundError(f"{sub} is missing ({entry[1]} from {entry[0]})")
+        if entry[1].endswith("Tokenizer") or entry[1].endswith("TokenizerFast"):
+            continue
+        cfg_name = "scheduler_config.json" if "Scheduler" in entry[1] else "config.json"
+        if not (sub / cfg_name).is_file():
+            raise FileNotFoundError(f"{sub / cfg_name} is missing (expected a {entry[1]} config)")
+        if "Scheduler" not in entry[1] and not any(sub.glob("*.safetensors")) and not any(sub.glob("*.bin")):
+            raise FileNotFoundError(f"{sub} has no weights file (expected {entry[1]} safetensors)")
+    if spec is not None:
+        comp, cls = spec.denoiser
+        entry = model_index.get(comp)
+        if not isinstance(entry, list) or entry[1] != cls:
+            raise ValueError(f"{index}: component {comp!r} is {entry!r}; {spec.name} expects {cls!r}")
+
+
+def load_folder(
+    folder: str | os.PathLike, name: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> DiffusionPipeline:
+    """Load a (testbed) pipeline folder after :func:`check_folder`."""
+    check_folder(folder, name)
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    # cast after loading: the from_pretrained dtype keyword was renamed across diffusers versions
+    return pipe.to(device=device, dtype=dtype) if dtype != torch.float32 else pipe.to(device)
+
+
+def load(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> DiffusionPipeline:
+    """The shipped trained pipeline ``name``."""
+    folder = weights_dir(name)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"testbed model {name!r} has no shipped weights at {folder}; train it with "
+            f"`diffattn testbed train {name}` (needs the diffattn.lora trainer)"
+        )
+    return load_folder(folder, name, dtype=dtype, device=device)

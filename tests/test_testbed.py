@@ -1,0 +1,362 @@
+"""Testbed: data, the digit classifier, metrics, model definitions and ``diffattn evaluate``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import diffattn
+from diffattn import registry, zoo
+from diffattn.cli import main
+from diffattn.processors import CoreAttnProcessor
+from diffattn.processors.families import FAMILIES
+from diffattn.processors.layout import dense_core
+from diffattn.testbed import classifier as C
+from diffattn.testbed import data as D
+from diffattn.testbed import metrics as M
+from diffattn.testbed import models as TM
+from diffattn.testbed.evaluate import evaluate
+
+skmetrics = pytest.importorskip("skimage.metrics")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def heldout() -> D.DigitsDataset:
+    return D.DigitsDataset("heldout")
+
+
+@pytest.fixture(scope="module")
+def clf() -> C.DigitClassifier:
+    return C.load_classifier()
+
+
+# a toy method: softer attention (queries scaled by 0.5) on every layer, so outputs differ from dense
+@dataclass(frozen=True)
+class _SoftConfig:
+    temperature: float = 0.5
+
+
+def _soft_method() -> str:
+    name = "_test_soft"
+    if name not in registry._METHODS:
+
+        def make(config, ctx, layer):
+            return CoreAttnProcessor(
+                core=lambda q, k, v, layout, mask: dense_core(q * config.temperature, k, v, layout, mask),
+                family=layer.family,
+            )
+
+        registry.register(registry.Method(name, _SoftConfig, tuple(FAMILIES), make))
+    return name
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+
+
+def test_digits_split_is_fixed_stratified_and_disjoint(heldout):
+    train = D.DigitsDataset("train")
+    assert len(train) + len(heldout) == 1797 and len(heldout) == 359
+    assert not set(train.indices) & set(heldout.indices)
+    counts = torch.bincount(heldout.labels, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # 20% of every class
+    again = D.DigitsDataset("heldout")
+    assert np.array_equal(again.indices, heldout.indices) and torch.equal(again.images, heldout.images)
+    other = D.split_indices(D.load_digits_8x8()[1], seed=1)[1]
+    assert not np.array_equal(other, heldout.indices)
+    item = heldout[0]
+    assert item["pixel_values"].shape == (1, 32, 32) and 0 <= item["pixel_values"].min() <= item["pixel_values"].max() <= 1
+    assert item["caption"] == f"a {item['label']}"
+    assert D.DigitsDataset("heldout", channels=3)[0]["pixel_values"].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="split must be one of"):
+        D.DigitsDataset("test")
+
+
+def test_scenes_are_deterministic_non_overlapping_and_boxed():
+    ds = D.DigitScenesDataset(num_scenes=12, seed=3)
+    counts = set()
+    for i in range(len(ds)):
+        a, b = ds[i], D.DigitScenesDataset(num_scenes=12, seed=3)[i]
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["caption"] == b["caption"]
+        boxes = (a["boxes"] * 64).round().long().tolist()
+        k = len(boxes)
+        counts.add(k)
+        assert 1 <= k <= 4 and a["pixel_values"].shape == (1, 64, 64)
+        assert ((a["boxes"] >= 0) & (a["boxes"] <= 1)).all()
+        ink_outside = a["pixel_values"][0].clone()
+        for j, (x0, y0, x1, y1) in enumerate(boxes):
+            ink_outside[y0:y1, x0:x1] = 0
+            for x2, y2, x3, y3 in boxes[j + 1 :]:
+                assert not (x0 < x3 and x2 < x1 and y0 < y3 and y2 < y1), "boxes overlap"
+        assert ink_outside.abs().max() == 0, "ink only inside boxes"
+        assert a["caption"] == D.scene_caption(a["labels"].tolist())
+        assert [inst["caption"] for inst in a["instances"]] == [f"a {lab}" for lab in a["labels"].tolist()]
+    assert len(counts) > 1
+    assert D.scene_caption([3, 7, 1]) == "a 3, a 7 and a 1" and D.scene_caption([5]) == "a 5"
+    batch = D.collate_scenes([ds[i] for i in range(4)])
+    assert batch["boxes"].shape[:2] == batch["box_mask"].shape
+
+
+def test_photos_ship_with_scikit_image_and_crop_deterministically():
+    assert D.available_photos() == list(D.PHOTOS)  # every listed photo loads offline
+    ds = D.PhotoCropsDataset(size=48, num_crops=5, seed=1, photos=["astronaut", "camera", "coins"])
+    a = ds[2]
+    assert a["pixel_values"].shape == (3, 48, 48) and a["caption"].startswith("a photo of ")
+    assert torch.equal(a["pixel_values"], D.PhotoCropsDataset(48, 5, 1, photos=["astronaut", "camera", "coins"])[2]["pixel_values"])
+    with pytest.raises(ValueError, match="bundled photos"):
+        D.load_photo("eagle")
+
+
+def test_writers_produce_the_trainers_formats(tmp_path):
+    scenes = D.DigitScenesDataset(num_scenes=5, seed=0)
+    out = D.write_image_folder(scenes, tmp_path / "scenes", progress=False)
+    meta = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    boxes = [json.loads(line) for line in (out / "boxes.jsonl").read_text().splitlines()]
+    assert len(meta) == len(boxes) == 5 and meta[0]["file_name"] == "00000.png"
+    assert boxes[1]["box_captions"] == [i["caption"] for i in scenes[1]["instances"]] and boxes[1]["normalized"]
+    assert Image.open(out / "00000.png").mode == "RGB"
+    with pytest.raises(FileExistsError, match="overwrite"):
+        D.write_image_folder(scenes, out, progress=False)
+    assert main(["testbed", "data", "digits", "--split", "heldout", "--out", str(tmp_path / "digits")]) == 0
+    rows = (tmp_path / "digits" / "metadata.jsonl").read_text().splitlines()
+    assert len(rows) == 359 and json.loads(rows[0])["text"] == f"a {json.loads(rows[0])['label']}"
+    assert not list(tmp_path.glob(".*")), "no temporary folders left behind"
+    lora_data = pytest.importorskip("diffattn.lora.data")
+    assert len(lora_data.build_dataset("image", tmp_path / "digits", resolution=32)) == 359
+    item = lora_data.build_dataset("boxes", out / "boxes.jsonl", resolution=64)[1]
+    assert torch.allclose(item["boxes"], scenes[1]["boxes"], atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# classifier
+# --------------------------------------------------------------------------------------------------
+
+
+def test_shipped_classifier_is_small_and_accurate(clf, heldout):
+    files = list(C.CLASSIFIER_DIR.iterdir())
+    assert sum(f.stat().st_size for f in files) < 1_000_000
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert C.accuracy(clf, heldout.images, heldout.labels) >= 0.97
+    record = json.loads((C.CLASSIFIER_DIR / C.TRAINING_FILE).read_text())
+    assert record["heldout_accuracy"] >= 0.97 and record["command"] == "diffattn testbed train classifier"
+
+
+@pytest.mark.parametrize("form", ["rgb64_uint8", "rgb_float_28", "pil_gray_48", "torch_rgb_40"])
+def test_classifier_accuracy_survives_the_generated_image_conversion(clf, heldout, form):
+    """Held-out digits dressed as generated images (RGB / gray, other sizes, any container)."""
+    x = heldout.images
+    if form == "rgb64_uint8":
+        images = C.as_generated(x, 64)  # NHWC uint8 RGB, a pipeline's PIL/np output
+    elif form == "rgb_float_28":
+        images = C.as_generated(x, 28).astype(np.float32) / 255.0
+    elif form == "pil_gray_48":
+        images = [Image.fromarray(a[..., 0]) for a in C.as_generated(x, 48)]
+    else:
+        images = torch.from_numpy(C.as_generated(x, 40)).permute(0, 3, 1, 2).float() / 255.0
+    assert C.to_classifier_input(images).shape == (len(x), 1, 32, 32)
+    assert C.accuracy(clf, images, heldout.labels) >= 0.97
+
+
+def test_classifier_conversion_is_identity_at_32px(heldout):
+    x = heldout.images[:8]
+    assert torch.allclose(C.to_classifier_input(x), x)
+    rgb = x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
+    assert torch.allclose(C.to_classifier_input(rgb), x, atol=1e-6)
+
+
+def test_classifier_training_writes_atomically_and_load_errors(tmp_path):
+    record = C.train_classifier(tmp_path / "clf", epochs=1, progress=False)
+    assert record["epochs"] == 1 and len(record["history"]) == 1
+    assert {p.name for p in (tmp_path / "clf").iterdir()} >= {"config.json", C.TRAINING_FILE}
+    assert not list(tmp_path.glob(".*")), "no temporary folder left behind"
+    assert isinstance(C.load_classifier(tmp_path / "clf"), C.DigitClassifier)
+    with pytest.raises(FileNotFoundError, match="diffattn testbed train classifier"):
+        C.load_classifier(tmp_path / "nothing")
+    cfg = json.loads((tmp_path / "clf" / "config.json").read_text())
+    (tmp_path / "clf" / "config.json").write_text(json.dumps({**cfg, "_class_name": "UNet2DModel"}))
+    with pytest.raises(ValueError, match="expected 'DigitClassifier'"):
+        C.load_classifier(tmp_path / "clf")
+
+
+def test_testbed_train_unknown_name_lists_names(capsys):
+    assert main(["testbed", "train", "digits-unett"]) == 2
+    assert "valid names: classifier" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def test_ssim_and_psnr_match_scikit_image():
+    ds = D.PhotoCropsDataset(size=40, num_crops=3, seed=0)
+    a = np.stack([ds[i]["pixel_values"].permute(1, 2, 0).numpy() for i in range(3)]).astype(np.float64)
+    b = np.clip(a + np.random.default_rng(0).normal(0, 0.08, a.shape), 0, 1)
+    kw = {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False, "data_range": 1.0}
+    ref = [skmetrics.structural_similarity(a[i], b[i], channel_axis=-1, **kw) for i in range(3)]
+    np.testing.assert_allclose(M.ssim(a, b).numpy(), ref, rtol=0, atol=1e-9)
+    ref_gray = [skmetrics.structural_similarity(a[i, ..., 0], b[i, ..., 0], **kw) for i in range(3)]
+    np.testing.assert_allclose(M.ssim(a[..., :1], b[..., :1]).numpy(), ref_gray, atol=1e-9)
+    # torch NCHW float32 input gives the same numbers
+    t = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).float()  # noqa: E731
+    np.testing.assert_allclose(M.ssim(t(a), t(b)).numpy(), ref, atol=1e-6)
+    ref_psnr = [skmetrics.peak_signal_noise_ratio(a[i], b[i], data_range=1.0) for i in range(3)]
+    np.testing.assert_allclose(M.psnr(a, b).numpy(), ref_psnr, atol=1e-9)
+    assert float(M.psnr(a, a)[0]) == M.PSNR_CAP_DB and float(M.ssim(a, a)[0]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same shape"):
+        M.psnr(a, b[:, :20])
+
+
+def test_class_accuracy_and_video_metrics(clf, heldout):
+    res = M.class_accuracy(C.as_generated(heldout.images), heldout.labels, classifier=clf)
+    assert res["accuracy"] >= 0.97 and res["n"] == 359 and set(res["per_class"]) == {str(c) for c in range(10)}
+    video = heldout.images[heldout.labels == 4][:5]  # five frames "of a 4"
+    assert M.per_frame_accuracy(video, 4, classifier=clf)["accuracy"] >= 0.8
+    still = M.temporal_consistency(video[:1].repeat(3, 1, 1, 1))
+    assert still["ssim"] == pytest.approx(1.0) and M.temporal_consistency(video)["ssim"] < 1.0
+
+
+def test_layer_relative_errors_with_hooks():
+    pipe = zoo.load("sd")
+    hooks_before = {n: len(m._forward_hooks) for n, m in M.attention_layers(pipe).items()}
+    dense = M.layer_relative_errors(pipe, "dense", zoo.default_call_kwargs("sd"))
+    assert dense and max(r["rel_error"] for r in dense.values()) < 1e-4
+    soft = M.layer_relative_errors(pipe, _soft_method(), zoo.default_call_kwargs("sd"), {"temperature": 0.3})
+    assert set(soft) == set(hooks_before)
+    assert all(r["rel_error"] > 1e-3 and r["calls"] == 2 for r in soft.values())
+    assert all(r["first_call"] <= r["rel_error"] * 10 for r in soft.values())
+    assert {n: len(m._forward_hooks) for n, m in M.attention_layers(pipe).items()} == hooks_before
+    assert diffattn.applied(pipe) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TM.names())
+def test_testbed_model_builds_generates_and_round_trips(tmp_path, name):
+    pipe = TM.build(name)
+    kw = {**TM.default_call_kwargs(name), "num_inference_steps": 2}
+
+    def run(p):
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        return p(**TM.prompt_kwargs(kw, ["a 3", "a 7"], gens)).images
+
+    out = run(pipe)
+    assert out.shape == (2, 32, 32, 3) and np.isfinite(out).all()
+    with diffattn.apply(pipe, "dense") as patch:  # every processor applies to it unchanged
+        assert patch.layers
+        np.testing.assert_allclose(run(pipe), out, atol=1e-4)
+    TM.save(pipe, tmp_path / name, name)
+    size = sum(f.stat().st_size for f in (tmp_path / name).rglob("*") if f.is_file())
+    assert size <= 20 * 2**20, f"{name} is {size / 2**20:.1f} MB"
+    info = TM.read_info(tmp_path / name)
+    assert info["name"] == name and info["captions"][3] == "a 3"
+    loaded = TM.load_folder(tmp_path / name)
+    assert type(loaded).__name__ == TM.get(name).pipeline_class
+    assert isinstance(loaded.vae, TM.PixelSpaceVAE)
+    np.testing.assert_array_equal(run(loaded), out)
+    from diffusers import DiffusionPipeline
+
+    assert type(DiffusionPipeline.from_pretrained(tmp_path / name)).__name__ == TM.get(name).pipeline_class
+
+
+def test_pixel_space_vae_is_the_identity():
+    vae = TM.PixelSpaceVAE()
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(vae.encode(x).latent_dist.sample(), x) and torch.equal(vae.encode(x).latent_dist.mode(), x)
+    assert torch.equal(vae.decode(x).sample, x)
+
+
+def test_testbed_registry_and_broken_folders(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="valid names: digits-unet, digits-dit"):
+        TM.get("digits-vae")
+    monkeypatch.setattr(TM, "WEIGHTS_DIR", tmp_path / "no-weights")
+    with pytest.raises(FileNotFoundError, match="diffattn testbed train digits-dit"):
+        TM.load("digits-dit")
+    folder = TM.save(TM.build("digits-unet"), tmp_path / "unet", "digits-unet")
+    with pytest.raises(ValueError, match="expects 'FluxPipeline'"):
+        TM.check_folder(folder, "digits-dit")
+    (folder / "unet" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"unet/config.json is missing \(expected a UNet2DConditionModel"):
+        TM.load_folder(folder)
+    with pytest.raises(FileNotFoundError, match="model_index.json is missing"):
+        TM.check_folder(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# diffattn evaluate
+# --------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_cli_is_deterministic_and_writes_grid(tmp_path, capsys):
+    method = _soft_method()
+    args = ["evaluate", "--model", "zoo:sd", "--method", method, "--option", "temperature=0.5"]
+    args += ["--samples", "3", "--steps", "2", "--batch-size", "2", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert "psnr_db=" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    a = json.loads((tmp_path / "a" / "report.json").read_text())
+    b = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert a == b, "same command, same JSON"
+    assert a["samples"] == 3 and len(a["psnr_db"]["per_sample"]) == 3 and a["options"] == {"temperature": 0.5}
+    assert 0 < a["ssim"]["mean"] < 1 and a["psnr_db"]["mean"] < M.PSNR_CAP_DB
+    assert a["layers"] and all(r["rel_error"] > 0 for r in a["layers"].values())
+    assert "timing" not in a and "class_accuracy" not in a
+    grid = Image.open(tmp_path / "a" / "grid.png")
+    assert grid.width > 3 * 64 and grid.height > 2 * 64
+    assert not list((tmp_path / "a").glob(".*"))
+
+
+def test_evaluate_dense_on_a_digits_folder_scores_classes(tmp_path):
+    folder = TM.save(TM.build("digits-dit"), tmp_path / "dit", "digits-dit")
+    report = evaluate(
+        str(folder), "dense", samples=4, steps=2, batch_size=4, out_dir=tmp_path / "ev", progress=False, timing=True
+    )
+    assert report["psnr_db"]["min"] > 60 and report["layer_rel_error_mean"] < 1e-4
+    acc = report["class_accuracy"]
+    assert set(acc) == {"dense", "method"} and 0 <= acc["dense"]["accuracy"] <= 1
+    assert set(report["timing"]) == {"dense_s", "method_s"}
+
+
+def test_evaluate_bad_input(tmp_path, capsys):
+    out = str(tmp_path / "x")
+    assert main(["evaluate", "--model", "zoo:sd", "--method", "nope", "--out", out]) == 2
+    assert "available methods" in capsys.readouterr().err
+    assert main(["evaluate", "--model", "testbed:nope", "--method", "dense", "--out", out]) == 2
+    assert "valid names: digits-unet, digits-dit" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(tmp_path / "missing"), "--method", "dense", "--out", out]) == 2
+    assert "not zoo:NAME, testbed:NAME" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# slow: retraining
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_classifier_retrains_to_the_shipped_accuracy(tmp_path, heldout):
+    shipped = json.loads((C.CLASSIFIER_DIR / C.TRAINING_FILE).read_text())
+    assert main(["testbed", "train", "classifier", "--out", str(tmp_path / "clf")]) == 0
+    record = json.loads((tmp_path / "clf" / C.TRAINING_FILE).read_text())
+    assert record["heldout_accuracy"] >= 0.97
+    assert abs(record["heldout_accuracy"] - shipped["heldout_accuracy"]) <= 0.03
+    assert C.accuracy(C.load_classifier(tmp_path / "clf"), heldout.images, heldout.labels) == pytest.approx(
+        record["heldout_accuracy"], abs=1e-5
+    )
