@@ -179,7 +179,14 @@ def cmd_testbed(args: argparse.Namespace) -> int:
     from .testbed import commands
 
     if args.testbed_command == "train":
-        record = commands.train(args.name, out=args.out, seed=args.seed, **parse_options(args.option))
+        options = parse_options(args.option)
+        if args.resume:
+            options["resume"] = True
+        if args.run_dir is not None:
+            options["run_dir"] = args.run_dir
+        if (args.resume or args.run_dir) and args.name == "classifier":
+            raise SystemExit("--resume / --run-dir apply to the diffusion testbed models, not the classifier")
+        record = commands.train(args.name, out=args.out, seed=args.seed, **options)
         shown = {k: v for k, v in record.items() if not isinstance(v, (list, dict))}
         print(" ".join(f"{k}={v}" for k, v in shown.items()))
     elif args.testbed_command == "data":
@@ -263,11 +270,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     tb = sub.add_parser("testbed", help="testbed models, classifier and data: train, data, list")
     tbs = tb.add_subparsers(dest="testbed_command", required=True)
-    tt = tbs.add_parser("train", help="retrain a testbed target from scratch (seeded): classifier, ...")
+    tt = tbs.add_parser("train", help="retrain a testbed target from scratch (seeded): classifier, digits-unet, digits-dit")
     tt.add_argument("name")
     tt.add_argument("--out", default=None, help="default: its shipped folder inside the package")
     tt.add_argument("--seed", type=int, default=0)
-    tt.add_argument("--option", action="append", metavar="KEY=VALUE", help="trainer option, e.g. epochs=15")
+    tt.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="trainer option, e.g. epochs=15 (classifier), max_steps=3000 batch_size=32 (diffusion models)",
+    )
+    tt.add_argument(
+        "--run-dir", default=None, help="diffusion models: checkpoints and logs (default outputs/testbed-runs/NAME)"
+    )
+    tt.add_argument("--resume", action="store_true", help="diffusion models: continue from the newest checkpoint")
     tt.set_defaults(fn=cmd_testbed)
     td = tbs.add_parser("data", help="export a testbed dataset (digits, scenes, photos) as an image folder")
     td.add_argument("name")

@@ -78,10 +78,20 @@ def add_lora(
 
 
 def mark_extra_trainable(model: nn.Module, names: list[str], option: str = "--train-modules") -> list[str]:
-    """Unfreeze whole submodules by name (exact or '.'-suffix); returns the trainable parameter names."""
+    """Unfreeze whole submodules by name (exact or '.'-suffix); returns the trainable parameter names.
+
+    The name ``"*"`` is the whole model: every parameter trains (full fine-tuning, or training a model
+    from scratch).
+    """
     modules = dict(model.named_modules())
     params: list[str] = []
     for target in names:
+        if target == "*":
+            for pname, p in model.named_parameters():
+                if "lora_" not in pname:
+                    p.requires_grad_(True)
+                    params.append(pname)
+            continue
         hits = [n for n in modules if n and _matches(n, target)]
         if not hits:
             children = ", ".join(n for n, _ in model.named_children())

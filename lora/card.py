@@ -62,9 +62,15 @@ def model_card(cfg: Any, family: Any, num_samples: int, steps: int, metrics: dic
         "from diffattn.lora import load; load(pipe, PATH)  # also loads extra_modules.safetensors\n"
         "```"
     )
+    if getattr(cfg, "save_pipeline", False):
+        load += (
+            "\n\nThe whole trained pipeline is in `pipeline/`: "
+            "`DiffusionPipeline.from_pretrained(PATH + '/pipeline')`."
+        )
     return (
         "\n".join(front)
-        + f"\n\n# LoRA: {cfg.recipe} on {cfg.model}\n\nTrained with `diffattn train {cfg.recipe}`.\n\n"
+        + f"\n\n# {'LoRA' if cfg.lora_targets else 'Trained modules'}: {cfg.recipe} on {cfg.model}\n\n"
+        + f"Trained with `diffattn train {cfg.recipe}`.\n\n"
         + "| | |\n|---|---|\n"
         + table
         + "\n\n## Metrics\n\n| metric | value |\n|---|---|\n"

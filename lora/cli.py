@@ -103,6 +103,12 @@ def build_parser(prog: str = "diffattn train") -> argparse.ArgumentParser:
     o.add_argument("--validation-inference-steps", type=int, default=None)
     o.add_argument("--log-every", type=int, default=1)
     o.add_argument("--eval-samples", type=int, default=8, help="samples in the fixed-set loss (0: off)")
+    o.add_argument(
+        "--save-pipeline",
+        action="store_true",
+        default=None,
+        help="also save the whole pipeline (save_pretrained) in OUTPUT/pipeline (default: the recipe's)",
+    )
     o.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the result (needs network)")
     return p
 

@@ -82,3 +82,13 @@ register_recipe(
         defaults={"resolution": 256, "num_frames": 17},
     )
 )
+register_recipe(
+    Recipe(
+        name="full",
+        description="train every parameter of the denoiser (full fine-tuning, or from scratch); saves the whole pipeline",
+        data="image",
+        lora_targets=(),
+        train_modules=("*",),
+        defaults={"resolution": 512, "save_pipeline": True},
+    )
+)

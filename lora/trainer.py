@@ -97,6 +97,7 @@ class TrainConfig:
     num_workers: int = 0
     push_to_hub: str | None = None
     cpu: bool = False
+    save_pipeline: bool | None = None  # default: the recipe's (else False); writes output/pipeline/
 
     def resolved(self) -> TrainConfig:
         """A copy with the recipe's defaults filled in where the user gave nothing."""
@@ -109,6 +110,8 @@ class TrainConfig:
             cfg.lora_targets = list(recipe.lora_targets)
         if cfg.train_modules is None:
             cfg.train_modules = list(recipe.train_modules)
+        if cfg.save_pipeline is None:
+            cfg.save_pipeline = False
         if cfg.attention is None and recipe.attention is not None:
             cfg.attention, opts = recipe.attention
             cfg.attention_options = {**opts, **cfg.attention_options}
@@ -382,6 +385,11 @@ class Trainer:
         self.patch = None
         if cfg.attention and cfg.attention != "none":
             self.patch = diffattn.apply(model, cfg.attention, **cfg.attention_options)
+        if cfg.save_pipeline and (self.has_lora or self.patch is not None):
+            raise ValueError(
+                "--save-pipeline saves a stock pipeline: use it without LoRA targets and without --attention "
+                "(train whole modules, e.g. the 'full' recipe)"
+            )
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -431,7 +439,8 @@ class Trainer:
         if self.recipe.condition is not None:
             cond = self.recipe.condition(self, batch, cond)
         noisy, target = self.objective.noisy_and_target(latents, noise, t)
-        dtype = next(p.dtype for p in self.family.denoiser.parameters() if not p.requires_grad)
+        # the frozen base's dtype; a fully trained denoiser is fp32 (autocast handles mixed precision)
+        dtype = next((p.dtype for p in self.family.denoiser.parameters() if not p.requires_grad), torch.float32)
         pred = self.family.predict(model, noisy.to(dtype), t, cond)
         return F.mse_loss(pred.float(), target.float())
 
@@ -711,10 +720,34 @@ class Trainer:
             (tmp / "README.md").write_text(
                 model_card(self.cfg, self.family, len(self.dataset), steps, metrics)
             )
+            if self.cfg.save_pipeline:
+                self.save_pipeline(tmp / PIPELINE_DIR)
             for f in tmp.iterdir():
-                os.replace(f, self.output / f.name)
+                if f.is_dir():  # a folder cannot be os.replace'd over a non-empty one: move the old aside
+                    _replace_folder(f, self.output / f.name)
+                else:
+                    os.replace(f, self.output / f.name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def save_pipeline(self, folder: Path) -> Path:
+        """The whole pipeline with the trained denoiser (``save_pretrained``, safetensors) into ``folder``."""
+        self.pipe.save_pretrained(folder, safe_serialization=True)
+        return folder
+
+
+PIPELINE_DIR = "pipeline"  # --save-pipeline: output/pipeline/ loads with DiffusionPipeline.from_pretrained
+
+
+def _replace_folder(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; an existing ``dst`` is first moved aside, then removed."""
+    old = None
+    if dst.exists():
+        old = dst.parent / f".tmp-old-{dst.name}-{time.time_ns()}"
+        os.rename(dst, old)
+    os.rename(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _tensorboard(folder: Path) -> Any:

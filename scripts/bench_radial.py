@@ -112,7 +112,9 @@ def _wan_2block(dtype: torch.dtype, device: str):
         qk_norm="rms_norm_across_heads",
         eps=1e-6,
     )
-    return model.to(device, dtype).eval()
+    model = model.to(device).eval()
+    # (a plain .to(dtype) would also cast the modules diffusers keeps in fp32; fp32 needs no cast)
+    return model if dtype == torch.float32 else model.to(dtype)
 
 
 def bench_step(args, device: str, dtype: torch.dtype, layer_rows: list[dict]) -> dict:

@@ -128,6 +128,8 @@ def test_bipartite_matching_matches_brute_force(h, w, sx, sy, ratio):
     ref, rows = brute_merge(x, metric, dst.tolist(), r)
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(unmerge(y, m, r), brute_unmerge(ref, rows), rtol=0, atol=1e-12)
+    # other reductions go through scatter_reduce: "sum" conserves the token total
+    torch.testing.assert_close(merge(x, m, r, mode="sum").sum(1), x.sum(1), rtol=0, atol=1e-10)
 
 
 def test_merge_unmerge_ratio_zero_is_identity():
@@ -214,20 +216,29 @@ def test_agent_count_cap_and_stock_fallbacks():
     # sx = sy = 4, agent_ratio 0.95: capped at N - N/16 merges, so N/16 agents
     h = w = 16
     attn = _attn(32)
-    proc = AgentAttnProcessor(height=h, width=w, use_rand=False)
+    proc = AgentAttnProcessor(height=h, width=w, use_rand=False, max_downsample=1)
     plan, src, dst = proc._draw(attn, (1, h * w, 32), (1, h, w), torch.device("cpu"))
     assert plan.use_agents and h * w - plan.agent_r == h * w // 16 and len(dst) == h * w // 16
     # cross-attention, masks and levels deeper than max_downsample run the stock processor bit-identically
     x = torch.randn(2, h * w, 32)
     ctx_states = torch.randn(2, 5, 32)
+    mask = torch.zeros(2, 1, h * w)
     stock = AttnProcessor2_0()
     with torch.no_grad():
         attn.set_processor(stock)
         ref_cross = attn(x, encoder_hidden_states=ctx_states)
+        ref_masked = attn(x, attention_mask=mask)
         ref_deep = attn(x[:, :64])
         attn.set_processor(proc)
         assert torch.equal(attn(x, encoder_hidden_states=ctx_states), ref_cross)
+        assert torch.equal(attn(x, attention_mask=mask), ref_masked)
         assert torch.equal(attn(x[:, :64]), ref_deep)  # an 8x8 level of a 16x16 grid: downsample 2
+        # by hand with the default max_downsample, levels count from the largest layer seen
+        relative = AgentAttnProcessor()
+        attn.set_processor(relative)
+        assert not torch.equal(attn(x), attn.set_processor(stock) or attn(x))
+        attn.set_processor(relative)
+        assert torch.equal(attn(x[:, :64]), ref_deep)
 
 
 def test_batch_independent_and_seeded():
@@ -469,6 +480,19 @@ def test_sdxl_auto_level_is_the_first_with_attention():
         _run(pipe, "sdxl")
         applied = {name for _, name, layer, _ in patch.saved if layer.processor.last_phase is not None}
     assert applied and all(n.startswith(("down_blocks.1", "up_blocks.1")) for n in applied), applied
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_set_by_hand_on_a_unet(name):
+    pipe = zoo.load(name)
+    base = _run(pipe, name)
+    proc = AgentAttnProcessor()
+    pipe.unet.set_attn_processor(proc)
+    out = _run(pipe, name)
+    assert np.isfinite(out).all() and not np.array_equal(out, base)
+    assert proc.last_phase == DEFAULT_SCHEDULE[0][1]  # no step known: the first phase throughout
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    assert np.array_equal(_run(pipe, name), base)
 
 
 def test_bad_options_and_unsupported_models_leave_pipeline_unchanged():

@@ -20,7 +20,9 @@ token counts that are multiples of 128): a column's density is taken over the bl
 rows (the reference pads to a multiple of the block size and counts padding as empty rows), and the
 diagonal blocks are always kept (when a block spans several frames, ``s < block_size``, the rule can drop
 a block's own frame and leave its queries with no key at all). Text rows and columns are whole blocks, as
-in the reference.
+in the reference. The reference shrinks frame pair by frame pair (to save memory) and ORs the results;
+that differs from shrinking the whole mask only in blocks that straddle a frame boundary (0.25% of the
+blocks at Wan 480p x 21 latent frames, none when frames are whole blocks).
 
 Everything is computed from frame-pair windows and block index ranges, never by evaluating the token
 rule over all ``n**2`` pairs (except :func:`radial_token_mask`, which is that mask, for small shapes).

@@ -147,8 +147,15 @@ def merge(x: torch.Tensor, matching: Matching, r: int, mode: str = "mean") -> to
         merged = order[:, :r]
         into = torch.gather(matching.best_dst.expand(x.shape[0], -1), 1, merged)
         index = into.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        src = _rows(x, matching.src_pos[merged])
         # in place on the fresh copy `dst` (autograd-safe: indexing does not keep its output)
-        dst = dst.scatter_reduce_(1, index, _rows(x, matching.src_pos[merged]), reduce=mode)
+        if mode == "mean":
+            # sum, then divide by the group sizes: several times faster than scatter_reduce's "mean"
+            count = torch.ones(dst.shape[:2], dtype=dst.dtype, device=dst.device)
+            count = count.scatter_add_(1, into, torch.ones_like(into, dtype=dst.dtype))
+            dst = dst.scatter_add_(1, index, src) / count.unsqueeze(-1)
+        else:
+            dst = dst.scatter_reduce_(1, index, src, reduce=mode)
     return torch.cat([unm, dst], dim=1)
 
 

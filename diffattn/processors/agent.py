@@ -352,10 +352,11 @@ class AgentAttnProcessor(CoreAttnProcessor):
         pipe.unet.set_attn_processor(AgentAttnProcessor(height=64, width=64))   # 512 px SD latents
 
     On every other call (cross-attention, masked attention, layers deeper than ``max_downsample``,
-    other processor families) it runs the stock processor, bit-identically. Set by hand with no
-    ``height``/``width`` each layer's grid is taken as a square, and levels are counted from the
-    largest layer seen (a UNet's first attention call is its highest-resolution level); with no
-    denoising step known the first phase of the schedule is used.
+    other processor families) it runs the stock processor, bit-identically. Set by hand, with no
+    ``height``/``width`` each layer's grid is taken as a square; ``max_downsample=None`` counts levels
+    from the largest layer seen (a UNet's first attention call is its highest-resolution level, so SD
+    and SDXL both get their top attention level); with no denoising step known the first phase of the
+    schedule is used.
 
     Args:
         config: an :class:`AgentConfig`; ``**options`` are its fields (they override ``config``).
@@ -441,14 +442,30 @@ class AgentAttnProcessor(CoreAttnProcessor):
         """The plan and the src/dst partition of this call, or None where AgentSD does not apply.
 
         Runs outside any compiled graph: the step changes every call but the returned plan only at phase
-        changes, and only the plan is guarded on. ``level`` None: set by hand without a grid, so the
-        grid is a square and levels are counted from the largest layer seen (state kept here).
+        changes, and only the plan is guarded on. ``level`` None means set by hand (no grid recorded by
+        ``apply``): the grid comes from ``height``/``width`` or is taken as a square, and with
+        ``max_downsample=None`` levels are counted from the largest layer seen (state kept here).
         """
         if level is None:
             n = shape[2] * shape[3] if len(shape) == 4 else shape[1]
-            h, w = (shape[2], shape[3]) if len(shape) == 4 else _square(n, f"layer {getattr(attn, NAME_ATTR, None) or type(attn).__name__}")
+            if len(shape) == 4:
+                h, w = shape[2], shape[3]
+                found = _downsampled(self._own_grid, n) if self._own_grid is not None else None
+            elif self._own_grid is not None:
+                found = _downsampled(self._own_grid, n)
+                if found is None:
+                    return None  # not a level of the given grid (e.g. a temporal attention)
+                _, h, w = found
+            else:
+                found = None
+                h, w = _square(n, f"layer {getattr(attn, NAME_ATTR, None) or type(attn).__name__}")
             self._largest = max(self._largest, n)
-            if max(1, round(math.sqrt(self._largest / n))) > self._max_downsample(None):
+            relative = max(1, round(math.sqrt(self._largest / n)))
+            if self.config.max_downsample is None:
+                ok = relative <= 1
+            else:
+                ok = (found[0] if found is not None else relative) <= self.config.max_downsample
+            if not ok:
                 return None
         else:
             _, h, w = level
@@ -492,15 +509,14 @@ class AgentAttnProcessor(CoreAttnProcessor):
         rotary = image_rotary_emb if image_rotary_emb is not None else rotary_emb
         if self._eligible(attn, (hidden_states, encoder_hidden_states, attention_mask, rotary)):
             ctx = self.context
-            base = ctx.grid if ctx is not None and ctx.grid is not None else self._own_grid
             drawn = None
-            if base is None:
+            if ctx is None or ctx.grid is None:
                 drawn = self._draw(attn, tuple(hidden_states.shape), None, hidden_states.device)
             else:
-                # the level is decided here, in the graph: it changes with the resolution, not the step
-                level = self._level(base, hidden_states)
-                top = getattr(ctx, _TOP_LEVEL_ATTR, None) if ctx is not None else None
-                if level is not None and level[0] <= self._max_downsample(top):
+                # with apply's grid the level is decided here, in the graph: it changes with the
+                # resolution, not the step
+                level = self._level(ctx.grid, hidden_states)
+                if level is not None and level[0] <= self._max_downsample(getattr(ctx, _TOP_LEVEL_ATTR, None)):
                     drawn = self._draw(attn, tuple(hidden_states.shape), level, hidden_states.device)
             if drawn is not None:
                 return self._agentsd(attn, hidden_states, temb, *drawn)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..context import AttentionContext
-from ..masks.radial import radial_block_mask, radial_density
+from ..masks.radial import radial_block_mask
 from ..ops import BlockMask, block_sparse_attention
 from ..ops.block_sparse_attention import BACKENDS
 from ..registry import LayerInfo, Method, register
@@ -395,27 +395,3 @@ def latent_grid(model: str, frames: int, height: int, width: int) -> tuple[int, 
         if px < g.spatial or px % g.spatial:
             raise ValueError(f"{model} needs {name} to be a positive multiple of {g.spatial} pixels, got {px}")
     return ((frames - 1) // g.temporal + 1, height // g.spatial, width // g.spatial)
-
-
-def describe(model: str, frames: int, height: int, width: int, config: RadialConfig | None = None) -> dict[str, Any]:
-    """Token grid and densities of radial attention for a pixel video size: what ``diffattn mask`` prints."""
-    cfg = config or RadialConfig()
-    f, h, w = latent_grid(model, frames, height, width)
-    g = VIDEO_MODELS[model]
-    kw = dict(
-        decay_factor=cfg.decay_factor,
-        block_size=cfg.block_size,
-        sink=cfg.sink_for(g.family),
-        text_tokens=g.text_tokens,
-        text_position=g.text_position,
-        adjacent=cfg.adjacent,
-    )
-    return {
-        "grid": (f, h, w),
-        "tokens_per_frame": h * w,
-        "tokens": f * h * w + g.text_tokens,
-        "text_tokens": g.text_tokens,
-        "sink": kw["sink"],
-        "token_density": radial_density(f, h * w, granularity="token", **kw),
-        "block_density": radial_density(f, h * w, granularity="block", **kw),
-    }

@@ -14,10 +14,21 @@ def _train_classifier(out: str | os.PathLike | None, seed: int, **options: Any) 
     return train_classifier(out, seed=seed, **options)
 
 
-# name -> (out, seed, **options) -> training record; the diffusion testbed models join this table
-# once their recipes run on diffattn.lora's trainer
+def _train_diffusion(name: str) -> Callable[..., dict[str, Any]]:
+    def run(out: str | os.PathLike | None, seed: int, **options: Any) -> dict[str, Any]:
+        from .training import train_model
+
+        return train_model(name, out, seed=seed, **options)
+
+    return run
+
+
+# name -> (out, seed, **options) -> training record; the diffusion models train on diffattn.lora's
+# trainer (recipe "full"), see diffattn.testbed.training
 TRAINERS: dict[str, Callable[..., dict[str, Any]]] = {
     "classifier": _train_classifier,
+    "digits-unet": _train_diffusion("digits-unet"),
+    "digits-dit": _train_diffusion("digits-dit"),
 }
 
 

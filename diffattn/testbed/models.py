@@ -309,8 +309,17 @@ def weights_dir(name: str) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def save(pipe: DiffusionPipeline, out_dir: str | os.PathLike, name: str, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``pipe`` as a diffusers folder plus ``testbed.json``, under a temp name then renamed."""
+def save(
+    pipe: DiffusionPipeline,
+    out_dir: str | os.PathLike,
+    name: str,
+    extra: dict[str, Any] | None = None,
+    files: dict[str, str | os.PathLike] | None = None,
+) -> Path:
+    """Write ``pipe`` as a diffusers folder plus ``testbed.json``, under a temp name then renamed.
+
+    ``files`` (``{name in the folder: source path}``) are copied in before the rename (a loss log ...).
+    """
     spec = get(name)
     if type(pipe).__name__ != spec.pipeline_class:
         raise ValueError(f"{name} is a {spec.pipeline_class}, got a {type(pipe).__name__}")
@@ -326,6 +335,8 @@ def save(pipe: DiffusionPipeline, out_dir: str | os.PathLike, name: str, extra: 
             **(extra or {}),
         }
         (tmp / TESTBED_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        for dest, src in (files or {}).items():
+            shutil.copyfile(src, tmp / dest)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -393,6 +404,6 @@ def load(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> 
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(
             f"testbed model {name!r} has no shipped weights at {folder}; train it with "
-            f"`diffattn testbed train {name}` (needs the diffattn.lora trainer)"
+            f"`diffattn testbed train {name}` (diffattn.lora's trainer, recipe 'full')"
         )
     return load_folder(folder, name, dtype=dtype, device=device)
