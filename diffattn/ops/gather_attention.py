@@ -178,15 +178,6 @@ def gather_attention(
         idx = torch.argsort((~eff[rows]).to(torch.int8), dim=-1, stable=True)[:, :m]  # kept blocks
         bh = rows // qb_n  # (batch * heads) index of each row
         flat = (bh[:, None] * kb_n + idx).reshape(-1)
-        if workspace is not None and flat.numel() <= workspace.shape[1]:
-            kc = torch.index_select(kf, 0, flat, out=workspace[0, : flat.numel()])
-            vc = torch.index_select(vf, 0, flat, out=workspace[1, : flat.numel()])
-        else:
-            kc, vc = kf.index_select(0, flat), vf.index_select(0, flat)
-        kc = kc.view(len(rows), 1, m * bs, dim)
-        vc = vc.view(len(rows), 1, m * bs, dim)
-        qc = qf.index_select(0, rows)[:, None]
-
         mask, empty = None, None
         if needs_mask:
             b_idx = (bh // heads)[:, None, None]
@@ -203,9 +194,29 @@ def gather_attention(
                 first_slot = torch.zeros_like(mask)
                 first_slot[..., 0] = True
                 mask = mask | (empty & first_slot)
-        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale)
-        if empty is not None:
-            o = o.masked_fill(empty.expand_as(o), 0.0)
+
+        def chunk(qf_, kf_, vf_, rows=rows, flat=flat, m=m, mask=mask, empty=empty, scratch=None):
+            if scratch is not None:
+                kc = torch.index_select(kf_, 0, flat, out=scratch[0, : flat.numel()])
+                vc = torch.index_select(vf_, 0, flat, out=scratch[1, : flat.numel()])
+            else:
+                kc, vc = kf_.index_select(0, flat), vf_.index_select(0, flat)
+            kc = kc.view(len(rows), 1, m * bs, dim)
+            vc = vc.view(len(rows), 1, m * bs, dim)
+            qc = qf_.index_select(0, rows)[:, None]
+            o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale)
+            if empty is not None:
+                o = o.masked_fill(empty.expand_as(o), 0.0)
+            return o
+
+        if reuse:
+            fits = workspace is not None and flat.numel() <= workspace.shape[1]
+            o = chunk(qf, kf, vf, scratch=workspace if fits else None)
+        else:
+            # autograd keeps each chunk's gathered key/value blocks for the backward (about density x
+            # the full K and V); recomputing them per chunk (torch.utils.checkpoint) measured several
+            # times slower here, so memory is traded for speed
+            o = chunk(qf, kf, vf)
         outs.append(o[:, 0])
         rows_done.append(rows)
 
