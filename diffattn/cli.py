@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 ZOO_PREFIX = "zoo:"
-DEFAULT_MODEL = "zoo:sd"
+TESTBED_PREFIX = "testbed:"
+# the digits UNet trained here and shipped with the package (see `diffattn testbed list`)
+DEFAULT_MODEL = "testbed:digits-unet"
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, Any]:
@@ -30,7 +32,11 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
-    """A pipeline from ``zoo:NAME``, a local ``save_pretrained`` folder, or a hub id (cached locally)."""
+    """A pipeline from ``zoo:NAME``, ``testbed:NAME``, a local ``save_pretrained`` folder, or a hub id."""
+    if model.startswith(TESTBED_PREFIX):
+        from .testbed import models
+
+        return models.load(model[len(TESTBED_PREFIX) :], dtype=dtype, device=device)
     if model.startswith(ZOO_PREFIX):
         from . import zoo
 
@@ -81,6 +87,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         call.update(zoo.default_call_kwargs(args.model[len(ZOO_PREFIX) :]))
         call.pop("output_type", None)
+    labels: list[str] | None = None
+    if args.model.startswith(TESTBED_PREFIX):
+        from .testbed import models
+
+        spec = models.get(args.model[len(TESTBED_PREFIX) :])
+        call.update(spec.call_kwargs)
+        call.pop("output_type", None)
+        if args.prompt is None and spec.num_classes:
+            # no prompt: one sample per class, written as a labelled grid
+            labels = spec.captions()
+            call = models.prompt_kwargs(
+                call, labels, [torch.Generator(args.device).manual_seed(args.seed + i) for i in range(len(labels))]
+            )
     if args.prompt is not None:
         call["prompt"] = args.prompt
     for key in ("height", "width", "num_frames"):
@@ -88,14 +107,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
             call[key] = getattr(args, key)
     if args.steps is not None:
         call["num_inference_steps"] = args.steps
-    call["generator"] = torch.Generator(args.device).manual_seed(args.seed)
+    if "generator" not in call:
+        call["generator"] = torch.Generator(args.device).manual_seed(args.seed)
     patch = diffattn.apply(pipe, args.attention, **options) if args.attention != "none" else None
     t0 = time.perf_counter()
     out = pipe(**call)
     wall = time.perf_counter() - t0
     if patch is not None:
         patch.remove()
-    paths = _save_output(out, Path(args.out))
+    if labels is not None:
+        from .io import save_labelled_grid
+
+        paths = [save_labelled_grid(out.images, labels, Path(args.out))]
+    else:
+        paths = _save_output(out, Path(args.out))
     print(f"attention={args.attention} wall_time_s={wall:.3f} out={','.join(str(p) for p in paths)}")
     return 0
 
@@ -206,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list the attention methods").set_defaults(fn=cmd_methods)
 
     g = sub.add_parser("generate", help="generate with a method applied and print the wall time")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="zoo:NAME, a local pipeline folder, or a hub id")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="testbed:NAME (default: the trained digits UNet), zoo:NAME, a local pipeline folder, or a hub id")
     g.add_argument("--attention", default="dense", help="a method from `diffattn methods`, or 'none'")
     g.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
     g.add_argument("--prompt", default=None)

@@ -77,3 +77,21 @@ def save_frames(frames: Sequence[Any], path: str | os.PathLike, fps: int = 8) ->
 
         return [_atomic(path, write)]
     raise ValueError(f"out must end in one of {sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES)}, got {str(path)!r}")
+
+
+def save_labelled_grid(images: Sequence[Any], labels: Sequence[str], path: str | os.PathLike, scale: int = 3) -> Path:
+    """One row of images, each upscaled ``scale`` times with its label underneath; written atomically."""
+    from PIL import ImageDraw
+
+    path = Path(path)
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"out must end in one of {sorted(IMAGE_SUFFIXES)} for images, got {str(path)!r}")
+    pils = [to_pil(im).convert("RGB") for im in images]
+    w, h = pils[0].size
+    cell_w, cell_h, label_h = w * scale, h * scale, 14
+    grid = Image.new("RGB", (cell_w * len(pils), cell_h + label_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (im, label) in enumerate(zip(pils, labels)):
+        grid.paste(im.resize((cell_w, cell_h), Image.NEAREST), (i * cell_w, 0))
+        draw.text((i * cell_w + 3, cell_h + 1), label, fill="black")
+    return _atomic(path, grid.save)

@@ -85,3 +85,12 @@ def test_parse_options():
         "d": "word",
         "e": True,
     }
+
+
+def test_generate_default_is_the_trained_testbed_model(tmp_path, capsys):
+    """No --model: the shipped digits UNet, one sample per class, written as a labelled grid."""
+    out = tmp_path / "digits.png"
+    assert main(["generate", "--out", str(out), "--steps", "2"]) == 0
+    assert "wall_time_s=" in capsys.readouterr().out
+    grid = Image.open(out)
+    assert grid.size == (10 * 96, 96 + 14)
