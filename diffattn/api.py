@@ -135,6 +135,7 @@ def apply(pipe_or_model: Any, method: str, **options: Any) -> AttentionPatch:
     """
     spec = registry.get(method)
     config = spec.build_config(options)
+    from .processors.core import set_processor_names, track_text_len
     from .processors.families import family_of_processor
 
     models = denoisers(pipe_or_model)
@@ -148,8 +149,6 @@ def apply(pipe_or_model: Any, method: str, **options: Any) -> AttentionPatch:
     ctx = AttentionContext()
     plan: list[tuple[nn.Module, str, nn.Module, Any, Any]] = []
     seen_classes, any_layers = [], False
-    from .processors.core import set_processor_names
-
     for _, model in models:
         seen_classes.append(type(model).__name__)
         for name, layer in _attention_layers(model):
@@ -176,7 +175,8 @@ def apply(pipe_or_model: Any, method: str, **options: Any) -> AttentionPatch:
             f"method {method!r} does not support {seen_classes}: no layer it applies to. Supported: {supported}"
         )
 
-    patch = AttentionPatch(method=method, config=config, context=ctx)
+    # models are listed up front so a failure half-way is undone completely by remove()
+    patch = AttentionPatch(method=method, config=config, context=ctx, models=[m for _, m in models])
     try:
         for _, model in models:
             # names, stock families and the HunyuanVideo refiner's text-only flag, read before replacing
@@ -188,21 +188,13 @@ def apply(pipe_or_model: Any, method: str, **options: Any) -> AttentionPatch:
         hook = ContextHook(ctx, pipe)
         for _, model in models:
             patch.hooks.append(model.register_forward_pre_hook(hook, with_kwargs=True))
-            patch.hooks.extend(_extra_hooks(model))
+            # single-stream Flux blocks learn their text length from a block-level hook
+            patch.hooks.extend(track_text_len(model))
             setattr(model, _MARK, patch)
-            patch.models.append(model)
     except BaseException:
         patch.remove()
         raise
     return patch
-
-
-def _extra_hooks(model: nn.Module) -> list[RemovableHandle]:
-    """Hooks the family processors need (e.g. the text length inside Flux single-stream blocks)."""
-    from .processors import core
-
-    track = getattr(core, "track_text_len", None)
-    return list(track(model)) if track is not None else []
 
 
 def restore(target: Any) -> None:
