@@ -179,26 +179,16 @@ def mask_summary(
     block_size: int,
     options: dict[str, Any],
 ) -> str:
-    """One line: the shape, the block density and, for ``radial``, the exact token density."""
+    """One line: the shape, the block density and, when the method reports it, the exact token density."""
     bm = method_block_mask(method, grid, n_text, text_position if n_text else None, block_size, options)
     f, h, w = grid
     line = (
         f"{method}: grid {f}x{h}x{w} ({h * w} tokens per frame) + {n_text} text = {bm.q_len} tokens; "
         f"block density {bm.density():.4f} ({block_size}-token blocks)"
     )
-    if method == "radial":
-        from .masks.radial import radial_density
-
-        config = registry.get(method).build_config(_method_options(method, options))
-        token = radial_density(
-            f,
-            h * w,
-            decay_factor=config.decay_factor,
-            block_size=block_size,
-            sink=bool(config.sink),
-            text_tokens=n_text,
-            text_position=text_position if n_text else None,
-            adjacent=config.adjacent,
-        )
+    spec = registry.get(method)
+    if spec.token_density is not None:
+        config = spec.build_config(_method_options(method, options))
+        token = spec.token_density(config, grid, n_text, text_position, block_size)
         line += f"; token density {token:.4f}"
     return line

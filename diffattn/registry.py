@@ -38,6 +38,9 @@ class Method:
         description: one line for ``diffattn methods``.
         block_mask: optional ``(config, grid, n_text, text_position, block_size) -> BlockMask`` for a
             single attention shape; drives ``diffattn mask`` and, through the engine, ``diffattn bench``.
+        token_density: optional ``(config, grid, n_text, text_position, block_size) -> float``: the exact
+            fraction of (query, key) pairs kept, when it differs from the block density;
+            ``diffattn mask`` prints it.
         attention: optional ``(config, grid, n_text, text_position) -> fn(q, k, v)`` for methods that are
             not block-sparse (agent attention); ``diffattn bench`` times it against dense SDPA.
     """
@@ -49,6 +52,7 @@ class Method:
     models: tuple[str, ...] = ()
     description: str = ""
     block_mask: Callable[..., Any] | None = None
+    token_density: Callable[..., float] | None = None
     attention: Callable[..., Any] | None = None
 
     def build_config(self, options: dict[str, Any]) -> Any:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..context import AttentionContext
-from ..masks.radial import radial_block_mask
+from ..masks.radial import radial_block_mask, radial_density
 from ..ops import BlockMask, block_sparse_attention
 from ..ops.block_sparse_attention import BACKENDS
 from ..registry import LayerInfo, Method, register
@@ -324,21 +324,35 @@ def _make(config: RadialConfig, ctx: AttentionContext, layer: LayerInfo) -> Radi
     return RadialAttnProcessor(config=config, context=ctx, family=layer.family, block_order=order)
 
 
-def _block_mask(
+def _mask_args(
     config: RadialConfig, grid: tuple[int, int, int], n_text: int, text_position: str | None, block_size: int
-) -> BlockMask:
+) -> dict[str, Any]:
+    """The mask functions' arguments for one attention shape."""
     f, h, w = grid
-    return radial_block_mask(
-        f,
-        h * w,
+    return dict(
+        num_frames=f,
+        tokens_per_frame=h * w,
         decay_factor=config.decay_factor,
         block_size=block_size,
         sink=bool(config.sink),
         text_tokens=n_text,
         text_position=text_position if n_text else None,
-        granularity=config.granularity,
         adjacent=config.adjacent,
     )
+
+
+def _block_mask(
+    config: RadialConfig, grid: tuple[int, int, int], n_text: int, text_position: str | None, block_size: int
+) -> BlockMask:
+    return radial_block_mask(
+        **_mask_args(config, grid, n_text, text_position, block_size), granularity=config.granularity
+    )
+
+
+def _token_density(
+    config: RadialConfig, grid: tuple[int, int, int], n_text: int, text_position: str | None, block_size: int
+) -> float:
+    return radial_density(**_mask_args(config, grid, n_text, text_position, block_size))
 
 
 register(
@@ -350,6 +364,7 @@ register(
         models=RADIAL_MODELS,
         description="radial spatiotemporal attention: O(n log n) static mask for video transformers",
         block_mask=_block_mask,
+        token_density=_token_density,
     )
 )
 
