@@ -56,13 +56,20 @@ class Method:
     attention: Callable[..., Any] | None = None
 
     def build_config(self, options: dict[str, Any]) -> Any:
-        valid = [f.name for f in dataclasses.fields(self.config)]
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise TypeError(
-                f"unknown option(s) {unknown} for method {self.name!r}; valid options: {valid}"
-            )
-        return self.config(**options)
+        return check_options(self.config, options, f"method {self.name!r}")(**options)
+
+
+def check_options(config_cls: type, options: dict[str, Any], owner: str) -> type:
+    """``config_cls`` after checking that every key of ``options`` is one of its fields.
+
+    Raises:
+        TypeError: naming the unknown options and listing the valid ones.
+    """
+    valid = [f.name for f in dataclasses.fields(config_cls)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for {owner}; valid options: {valid}")
+    return config_cls
 
 
 _METHODS: dict[str, Method] = {}

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..context import AttentionContext, Grid
 from ..ops.token_merging import bipartite_soft_matching, merge, num_dst, random_partition, unmerge
-from ..registry import LayerInfo, Method, register
+from ..registry import LayerInfo, Method, check_options, register
 from .core import CoreAttnProcessor
 from .families import FAMILY_ATTR, NAME_ATTR, TEXT_ONLY_ATTR, infer_family
 from .layout import TokenLayout, dense_core
@@ -210,10 +210,7 @@ class AgentConfig:
 
 
 def _build(config: AgentConfig | None, options: dict[str, Any]) -> AgentConfig:
-    valid = [f.name for f in dataclasses.fields(AgentConfig)]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for agent attention; valid options: {valid}")
+    check_options(AgentConfig, options, "agent attention")
     if config is None:
         return AgentConfig(**options)
     return dataclasses.replace(config, **options) if options else config

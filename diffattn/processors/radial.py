@@ -13,7 +13,6 @@ Transformer blocks are numbered in execution order from a layer's qualified name
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import warnings
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from ..context import AttentionContext
 from ..masks.radial import radial_block_mask, radial_density
 from ..ops import BlockMask, block_sparse_attention
 from ..ops.block_sparse_attention import BACKENDS
-from ..registry import LayerInfo, Method, register
+from ..registry import LayerInfo, Method, check_options, register
 from .core import CoreAttnProcessor
 from .layout import TokenLayout
 
@@ -111,11 +110,7 @@ def _config(config: RadialConfig | None, options: dict[str, Any]) -> RadialConfi
         if options:
             raise TypeError(f"pass either config= or options, not both (got options {sorted(options)})")
         return config
-    valid = [f.name for f in dataclasses.fields(RadialConfig)]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for radial attention; valid options: {valid}")
-    return RadialConfig(**options)
+    return check_options(RadialConfig, options, "radial attention")(**options)
 
 
 class BlockOrder:
