@@ -187,19 +187,6 @@ class BlockMask:
         k = torch.arange(self.kv_len, device=dev)[None, None, None, :]
         return self.allowed(b, h, q, k).expand(batch, heads, self.q_len, self.kv_len)
 
-    def signature(self) -> tuple:
-        """What a compiled kernel specialises on: shapes and which refinements exist (not values)."""
-        return (
-            tuple(self.bitmap.shape),
-            self.q_len,
-            self.kv_len,
-            self.block_size,
-            self.token_rule is not None,
-            self.dense_q is not None,
-            self.dense_kv is not None,
-            None if self.key_padding is None else tuple(self.key_padding.shape),
-        )
-
     def to(self, device: torch.device | str) -> BlockMask:
         return BlockMask(
             self.bitmap.to(device),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch._dynamo.utils import counters
@@ -32,7 +32,6 @@ class FlexStats:
     compiles: int = 0
     cache_hits: int = 0
     compile_seconds: float = 0.0
-    signatures: set = field(default_factory=set)
 
     def as_dict(self) -> dict:
         return {"compiles": self.compiles, "cache_hits": self.cache_hits, "compile_seconds": self.compile_seconds}
@@ -98,7 +97,6 @@ def flex_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: Blo
         # flex refuses CPU inputs that require grad even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
     flex_mask = to_flex_block_mask(bm, q.shape[0], q.shape[1])
-    signature = (tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, bm.signature())
     fn = _compiled_flex()
     # dynamo's own graph counter tells a real recompile from a cache hit
     graphs_before = counters["stats"]["unique_graphs"]
@@ -110,5 +108,4 @@ def flex_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: Blo
         STATS.compiles += 1
     else:
         STATS.cache_hits += 1
-    STATS.signatures.add(signature)
     return out
