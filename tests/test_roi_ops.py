@@ -1,0 +1,235 @@
+"""ROI-Align / ROI-Unpool against per-box loop references of their definitions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffattn.ops.roi_align import roi_align, roi_size_for_downsample
+from diffattn.ops.roi_unpool import roi_unpool, unpool_region
+
+# ----- references: one box at a time, one sample at a time (torchvision's roi_align definition) ---------------
+
+
+def _bilinear_tv(feat: torch.Tensor, y: float, x: float) -> torch.Tensor:
+    """torchvision's bilinear_interpolate for one (C, H, W) map."""
+    _, h, w = feat.shape
+    if y < -1.0 or y > h or x < -1.0 or x > w:
+        return feat.new_zeros(feat.shape[0])
+    y, x = max(y, 0.0), max(x, 0.0)
+    y_low, x_low = int(y), int(x)
+    if y_low >= h - 1:
+        y_high = y_low = h - 1
+        y = float(y_low)
+    else:
+        y_high = y_low + 1
+    if x_low >= w - 1:
+        x_high = x_low = w - 1
+        x = float(x_low)
+    else:
+        x_high = x_low + 1
+    ly, lx = y - y_low, x - x_low
+    hy, hx = 1.0 - ly, 1.0 - lx
+    return (
+        hy * hx * feat[:, y_low, x_low]
+        + hy * lx * feat[:, y_low, x_high]
+        + ly * hx * feat[:, y_high, x_low]
+        + ly * lx * feat[:, y_high, x_high]
+    )
+
+
+def _roi_align_loop(feat, boxes, p, s=2, aligned=True):
+    b, c, h, w = feat.shape
+    n = boxes.shape[1]
+    out = feat.new_zeros(b, n, c, p, p)
+    off = 0.5 if aligned else 0.0
+    for bi in range(b):
+        for ni in range(n):
+            x1, y1, x2, y2 = (float(v) for v in boxes[bi, ni])
+            sx, sy = x1 * w - off, y1 * h - off
+            rw, rh = x2 * w - off - sx, y2 * h - off - sy
+            if not aligned:
+                rw, rh = max(rw, 1.0), max(rh, 1.0)
+            bw, bh = rw / p, rh / p
+            for py in range(p):
+                for px in range(p):
+                    acc = feat.new_zeros(c)
+                    for iy in range(s):
+                        yy = sy + py * bh + (iy + 0.5) * bh / s
+                        for ix in range(s):
+                            xx = sx + px * bw + (ix + 0.5) * bw / s
+                            acc = acc + _bilinear_tv(feat[bi], yy, xx)
+                    out[bi, ni, :, py, px] = acc / (s * s)
+    return out
+
+
+def _roi_unpool_loop(roi, boxes, hw):
+    b, n, c, p, q = roi.shape
+    h, w = hw
+    out = roi.new_zeros(b, n, c, h, w)
+    for bi in range(b):
+        for ni in range(n):
+            x1, y1, x2, y2 = (float(v) for v in boxes[bi, ni])
+            X1, Y1, X2, Y2 = x1 * w, y1 * h, x2 * w, y2 * h
+            bw, bh = (X2 - X1) / q, (Y2 - Y1) / p
+            for i in range(h):
+                for j in range(w):
+                    cy, cx = i + 0.5, j + 0.5
+                    if not (Y1 <= cy <= Y2 and X1 <= cx <= X2):
+                        continue
+                    u = min(max((cy - Y1) / bh - 0.5, 0.0), p - 1.0)
+                    v = min(max((cx - X1) / bw - 0.5, 0.0), q - 1.0)
+                    u0, v0 = min(int(math.floor(u)), p - 1), min(int(math.floor(v)), q - 1)
+                    u1, v1 = min(u0 + 1, p - 1), min(v0 + 1, q - 1)
+                    a, bb = u - u0, v - v0
+                    g = roi[bi, ni]
+                    out[bi, ni, :, i, j] = (
+                        (1 - a) * (1 - bb) * g[:, u0, v0]
+                        + (1 - a) * bb * g[:, u0, v1]
+                        + a * (1 - bb) * g[:, u1, v0]
+                        + a * bb * g[:, u1, v1]
+                    )
+    return out
+
+
+def _boxes(gen, b, n, edge=False):
+    xy = torch.rand(b, n, 2, generator=gen) * 0.7
+    wh = torch.rand(b, n, 2, generator=gen) * 0.5 + 0.05
+    boxes = torch.cat([xy, (xy + wh).clamp(max=1.0)], -1)
+    if edge:  # boxes touching the map borders
+        boxes[:, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0])
+        boxes[:, -1] = torch.tensor([0.61, 0.57, 1.0, 1.0])  # no pixel centre exactly on an edge
+    return boxes
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("p,s", [(3, 2), (4, 1), (2, 3)])
+def test_roi_align_matches_torchvision_definition(aligned, p, s):
+    gen = torch.Generator().manual_seed(p * 10 + s)
+    feat = torch.randn(2, 3, 9, 11, generator=gen)
+    boxes = _boxes(gen, 2, 4, edge=True)
+    got = roi_align(feat, boxes, p, sampling_ratio=s, aligned=aligned)
+    ref = _roi_align_loop(feat.double(), boxes.double(), p, s, aligned).float()
+    assert got.shape == (2, 4, 3, p, p)
+    assert (got - ref).abs().max() <= 1e-5
+
+
+def test_roi_align_outside_samples_are_zero():
+    # a box reaching past the map: samples beyond -1 / H are zero (torchvision's rule), not clamped
+    feat = torch.ones(1, 1, 4, 4)
+    boxes = torch.tensor([[[0.0, 0.0, 2.0, 1.0]]])  # twice the map's width (not validated by the op)
+    got = roi_align(feat, boxes, 4, sampling_ratio=1)
+    ref = _roi_align_loop(feat.double(), boxes.double(), 4, 1).float()
+    assert (got - ref).abs().max() <= 1e-6
+    assert got[0, 0, 0, :, -1].abs().max() == 0
+
+
+def test_roi_unpool_matches_loop():
+    gen = torch.Generator().manual_seed(1)
+    roi = torch.randn(2, 3, 2, 4, 4, generator=gen)
+    boxes = _boxes(gen, 2, 3, edge=True)
+    got = roi_unpool(roi, boxes, (10, 13))
+    ref = _roi_unpool_loop(roi.double(), boxes.double(), (10, 13)).float()
+    assert got.shape == (2, 3, 2, 10, 13)
+    assert (got - ref).abs().max() <= 1e-5
+
+
+def test_roi_unpool_covers_box_without_edge_strip():
+    roi = torch.ones(1, 1, 1, 5, 5)
+    boxes = torch.tensor([[[0.25, 0.25, 1.0, 1.0]]])
+    out = roi_unpool(roi, boxes, (16, 16))[0, 0, 0]
+    expected = torch.zeros(16, 16)
+    expected[4:, 4:] = 1.0  # every pixel centre in [4, 16] -> rows/cols 4..15, right/bottom edge included
+    assert torch.equal(out == 0, expected == 0)
+    assert (out - expected).abs().max() <= 1e-6
+
+
+def test_region_equals_full_map_crop():
+    gen = torch.Generator().manual_seed(2)
+    roi = torch.randn(3, 2, 3, 3, generator=gen)
+    boxes = _boxes(gen, 1, 3)[0]
+    full, inside = unpool_region(roi, boxes, (12, 12))
+    part, pin = unpool_region(roi, boxes, (12, 12), rows=(3, 9), cols=(2, 11))
+    assert torch.equal(part, full[:, :, 3:9, 2:11]) and torch.equal(pin, inside[:, :, 3:9, 2:11])
+
+
+def test_gradcheck_roi_align():
+    gen = torch.Generator().manual_seed(3)
+    feat = torch.randn(1, 2, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    boxes = torch.tensor([[[0.13, 0.21, 0.71, 0.83], [0.05, 0.4, 0.52, 0.91]]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda f: roi_align(f, boxes, 3), (feat,))
+    # boxes too (interior samples, away from bilinear kinks)
+    b = boxes.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda bb: roi_align(feat.detach(), bb, 3), (b,), atol=1e-5)
+
+
+def test_gradcheck_roi_unpool():
+    gen = torch.Generator().manual_seed(4)
+    roi = torch.randn(1, 2, 2, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    boxes = torch.tensor([[[0.1, 0.2, 0.7, 0.9], [0.3, 0.0, 1.0, 0.6]]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda r: roi_unpool(r, boxes, (7, 8)), (roi,))
+
+
+def test_unpool_of_align_reproduces_smooth_map():
+    """``roi_unpool(roi_align(x))`` on smooth maps: the bound.
+
+    For a linear map ``x = a*i + b*j + c`` every step is exact (bilinear interpolation and averaging reproduce
+    linear functions) except the clamp at the ROI edges: pixels whose centre is less than half a bin from
+    the box edge take the edge cell's value, an error of at most ``|slope| * bin / 2`` along that axis.
+    Interior pixels (cell-centre coordinates in ``[0, P - 1]``, samples inside the map) are exact to
+    float rounding. For a sinusoid ``A sin(w1 i + w2 j)`` the interpolation errors add up to at most
+    ``A (w1^2 + w2^2) (1/8 + bin^2/32 + bin^2/8)`` (map bilinear, sample averaging, ROI-grid bilinear) inside
+    the cell-centre hull, plus ``A |w| bin / 2`` in the edge strip.
+    """
+    h = w = 48
+    ii, jj = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    boxes = torch.tensor([[[0.2, 0.25, 0.7, 0.8]]], dtype=torch.float64)
+    p = 13
+    bin_w, bin_h = 0.5 * w / p, 0.55 * h / p
+    x1, y1 = 0.2 * w, 0.25 * h
+    cy, cx = ii + 0.5, jj + 0.5
+    u, v = (cy - y1) / bin_h - 0.5, (cx - x1) / bin_w - 0.5
+    inside = (cy >= y1) & (cy <= 0.8 * h) & (cx >= x1) & (cx <= 0.7 * w)
+    core = inside & (u >= 0) & (u <= p - 1) & (v >= 0) & (v <= p - 1)
+
+    a_, b_ = 0.3, -0.2
+    lin = (a_ * ii + b_ * jj + 1.0)[None, None]
+    out = roi_unpool(roi_align(lin, boxes, p), boxes, (h, w))[0, 0, 0]
+    err = (out - lin[0, 0]).abs()
+    assert err[core].max() <= 1e-9
+    edge_bound = abs(a_) * bin_h / 2 + abs(b_) * bin_w / 2
+    assert err[inside].max() <= edge_bound + 1e-9
+    assert torch.all(out[~inside] == 0)
+
+    w1, w2, amp = 0.15, 0.1, 1.0
+    sin = (amp * torch.sin(w1 * ii + w2 * jj))[None, None]
+    out = roi_unpool(roi_align(sin, boxes, p), boxes, (h, w))[0, 0, 0]
+    err = (out - sin[0, 0]).abs()
+    binm = max(bin_w, bin_h)
+    interp_bound = amp * (w1**2 + w2**2) * (1 / 8 + binm**2 / 32 + binm**2 / 8)
+    assert err[core].max() <= interp_bound
+    assert err[inside].max() <= interp_bound + amp * math.hypot(w1, w2) * binm / 2
+    assert torch.all(out[~inside] == 0)
+
+
+def test_dtypes_follow_input():
+    feat = torch.randn(1, 2, 8, 8, dtype=torch.bfloat16)
+    boxes = torch.tensor([[[0.1, 0.1, 0.6, 0.9]]])
+    r = roi_align(feat, boxes, 4)
+    assert r.dtype == torch.bfloat16
+    assert roi_unpool(r, boxes, (8, 8)).dtype == torch.bfloat16
+    assert roi_align(feat, boxes[:, :0], 4).shape == (1, 0, 2, 4, 4)
+
+
+def test_roi_size_helper_and_bad_input():
+    assert [roi_size_for_downsample(d) for d in (8, 16, 32, 64)] == [25, 19, 13, 7]
+    with pytest.raises(ValueError, match="downsample"):
+        roi_size_for_downsample(4)
+    with pytest.raises(ValueError, match="boxes"):
+        roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(1, 4), 2)
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4), 2, sampling_ratio=0)
+    with pytest.raises(ValueError, match="roi_features"):
+        roi_unpool(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 4), (4, 4))
