@@ -109,7 +109,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         call["num_inference_steps"] = args.steps
     if "generator" not in call:
         call["generator"] = torch.Generator(args.device).manual_seed(args.seed)
-    patch = diffattn.apply(pipe, args.attention, **options) if args.attention != "none" else None
+    attention = args.attention or ("regional_mask" if args.instances else "dense")
+    if args.instances:  # regional control: boxes with captions (diffattn.pipelines.RegionalControlPipeline)
+        regional = _regional_pipeline(pipe, attention, options)
+        instances = regional.load_instances(args.instances)
+        patch, pipe = None, regional.RegionalControlPipeline(pipe, **options)
+        call["instances"] = instances
+    else:
+        patch = diffattn.apply(pipe, attention, **options) if attention != "none" else None
     t0 = time.perf_counter()
     out = pipe(**call)
     wall = time.perf_counter() - t0
@@ -121,8 +128,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
         paths = [save_labelled_grid(out.images, labels, Path(args.out))]
     else:
         paths = _save_output(out, Path(args.out))
-    print(f"attention={args.attention} wall_time_s={wall:.3f} out={','.join(str(p) for p in paths)}")
+    if args.instances:  # the first image again with its boxes drawn: OUT-boxes.png
+        from PIL import Image
+
+        from .io import save_images
+
+        boxed = regional.draw_instances(Image.open(paths[0]), call["instances"])
+        stem = Path(args.out)
+        paths += save_images([boxed], stem.with_name(f"{stem.stem}-boxes.png"))
+    print(f"attention={attention} wall_time_s={wall:.3f} out={','.join(str(p) for p in paths)}")
     return 0
+
+
+def _regional_pipeline(pipe: Any, attention: str, options: dict[str, Any]) -> Any:
+    """Check ``--instances`` options; ``options`` becomes RegionalControlPipeline's keyword arguments."""
+    from .pipelines import regional_control
+
+    if attention not in ("roi", "regional_mask"):
+        raise SystemExit(f"--instances needs --attention roi or regional_mask, got {attention!r}")
+    unknown = sorted(set(options) - {"adapter", "stop_fraction"})
+    if unknown:
+        raise SystemExit(f"unknown option(s) {unknown} with --instances; valid: adapter (a folder), stop_fraction")
+    if attention == "roi":
+        if "adapter" not in options:
+            raise SystemExit("--attention roi needs --option adapter=FOLDER (a saved ROICtrlAdapter)")
+        from .models.roictrl import ROICtrlAdapter
+
+        options["adapter"] = ROICtrlAdapter.from_pretrained(str(options["adapter"]))
+    elif "adapter" in options:
+        raise SystemExit("--option adapter=... needs --attention roi")
+    options["method"] = attention
+    return regional_control
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -216,7 +252,14 @@ def cmd_testbed(args: argparse.Namespace) -> int:
         print(" ".join(f"{k}={v}" for k, v in shown.items()))
     elif args.testbed_command == "data":
         path = commands.export(
-            args.name, args.out, split=args.split, count=args.count, seed=args.seed, size=args.size, overwrite=args.overwrite
+            args.name,
+            args.out,
+            split=args.split,
+            count=args.count,
+            seed=args.seed,
+            size=args.size,
+            frames=args.frames,
+            overwrite=args.overwrite,
         )
         print(f"wrote {path}")
     else:
@@ -232,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate with a method applied and print the wall time")
     g.add_argument("--model", default=DEFAULT_MODEL, help="testbed:NAME (default: the trained digits UNet), zoo:NAME, a local pipeline folder, or a hub id")
-    g.add_argument("--attention", default="dense", help="a method from `diffattn methods`, or 'none'")
+    g.add_argument("--attention", default=None, help="a method from `diffattn methods`, or 'none' (default: dense; regional_mask with --instances)")
+    g.add_argument("--instances", default=None, metavar="BOXES.JSON", help='regional control: [{"box": [x1, y1, x2, y2], "caption": "..."}, ...] normalized; also writes OUT-boxes.png')
     g.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
     g.add_argument("--prompt", default=None)
     g.add_argument("--height", type=int, default=None)
@@ -295,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tb = sub.add_parser("testbed", help="testbed models, classifier and data: train, data, list")
     tbs = tb.add_subparsers(dest="testbed_command", required=True)
-    tt = tbs.add_parser("train", help="retrain a testbed target from scratch (seeded): classifier, digits-unet, digits-dit")
+    tt = tbs.add_parser("train", help="retrain a testbed target from scratch (seeded): classifier, digits-unet, digits-dit, digits-video, digits-lamamba")
     tt.add_argument("name")
     tt.add_argument("--out", default=None, help="default: its shipped folder inside the package")
     tt.add_argument("--seed", type=int, default=0)
@@ -310,13 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tt.add_argument("--resume", action="store_true", help="diffusion models: continue from the newest checkpoint")
     tt.set_defaults(fn=cmd_testbed)
-    td = tbs.add_parser("data", help="export a testbed dataset (digits, scenes, photos) as an image folder")
+    td = tbs.add_parser(
+        "data", help="export a testbed dataset (digits, scenes, photos: image folder; moving: folders of frames)"
+    )
     td.add_argument("name")
     td.add_argument("--out", required=True)
     td.add_argument("--split", choices=["train", "heldout", "all"], default="train", help="digits and scenes")
-    td.add_argument("--count", type=int, default=None, help="scenes / photo crops (default 1000)")
+    td.add_argument("--count", type=int, default=None, help="scenes / photo crops / moving clips (default 1000)")
     td.add_argument("--seed", type=int, default=0)
-    td.add_argument("--size", type=int, default=None, help="digit side, scene canvas or crop side in pixels")
+    td.add_argument("--size", type=int, default=None, help="digit side, scene / clip canvas or crop side in pixels")
+    td.add_argument("--frames", type=int, default=None, help="moving: frames per clip (default 29)")
     td.add_argument("--overwrite", action="store_true")
     td.set_defaults(fn=cmd_testbed)
     tbs.add_parser("list", help="testbed models, classifier and datasets").set_defaults(fn=cmd_testbed)

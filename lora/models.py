@@ -5,9 +5,9 @@ Flux packs latents into 2x2 patches and takes timesteps in [0, 1], Wan normalise
 channel ...).  The trainer itself only sees latents, timesteps and a dict of conditioning tensors.
 
 Supported now: ``sd`` (UNet2DConditionModel: SD 1.x/2.x, ControlNet pipelines' UNet), ``sdxl``,
-``sd3``, ``flux``, ``wan`` (text-to-video), ``wan22`` (one expert per run), ``hunyuan-video``,
-``cogvideox`` and ``mochi``.  Others (Wan image-to-video; PixArt, which has no LoRA loader in
-diffusers) raise an error naming the supported ones.
+``sd3``, ``flux``, ``wan`` (text-to-video), ``wan-i2v`` (2.1 image-to-video), ``wan22`` (one expert
+per run), ``hunyuan-video``, ``cogvideox`` and ``mochi``.  Others (Wan 2.2 image-to-video; PixArt,
+which has no LoRA loader in diffusers) raise an error naming the supported ones.
 """
 
 from __future__ import annotations
@@ -62,6 +62,15 @@ class Family:
         noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators])
         latents = dist.mean + dist.std * noise.to(dist.mean)
         return self._vae_scale(latents)
+
+    @torch.no_grad()
+    def condition_on_pixels(self, pixels: torch.Tensor, cond: dict[str, Any]) -> dict[str, Any]:
+        """Add what the model reads from the sample itself (image-to-video: its first frame) to ``cond``."""
+        return cond
+
+    def validation_extra(self, dataset: Any) -> dict[str, Any]:
+        """Pipeline-call inputs a validation sample needs besides the prompt (image-to-video: an image)."""
+        return {}
 
     def predict(
         self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]
@@ -217,6 +226,55 @@ class WanFamily(Family):
         )[0]
 
 
+def _first_frames_pil(pixels: torch.Tensor) -> list[Any]:
+    from PIL import Image
+
+    arr = ((pixels[:, :, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in arr]
+
+
+class WanI2VFamily(WanFamily):
+    """Wan 2.1 image-to-video: the first frame conditions every sample, as ``WanImageToVideoPipeline`` does.
+
+    The condition is the VAE latent of ``[first frame, zeros...]`` with a 4-channel mask marking the
+    first latent frame, concatenated to the noisy latents along channels (16 + 4 + 16 = 36 input
+    channels), plus the CLIP image embedding (the image encoder's penultimate hidden states) for
+    cross-attention when the transformer has an image embedder.
+    """
+
+    name = "wan-i2v"
+
+    @torch.no_grad()
+    def condition_on_pixels(self, pixels: torch.Tensor, cond: dict[str, Any]) -> dict[str, Any]:
+        pipe, vae = self.pipe, self.pipe.vae
+        video = torch.cat([pixels[:, :, :1], torch.zeros_like(pixels[:, :, 1:])], dim=2)
+        # the pipeline encodes the condition with the posterior mode ("argmax"), not a sample
+        latent = self._vae_scale(vae.encode(video.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode())
+        b, _, n, h, w = latent.shape
+        mask = torch.zeros(b, pipe.vae_scale_factor_temporal, n, h, w, device=latent.device, dtype=latent.dtype)
+        mask[:, :, 0] = 1.0
+        cond = {**cond, "i2v_condition": torch.cat([mask, latent], dim=1)}
+        if self.denoiser.config.image_dim is not None:
+            cond["image_embeds"] = pipe.encode_image(_first_frames_pil(pixels), latent.device)
+        return cond
+
+    def validation_extra(self, dataset: Any) -> dict[str, Any]:
+        return {"image": _first_frames_pil(dataset.load(0, None)["pixels"][None])[0]}
+
+    def predict(
+        self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]
+    ) -> torch.Tensor:
+        extra = {"encoder_hidden_states_image": cond["image_embeds"].to(noisy)} if "image_embeds" in cond else {}
+        return model(
+            hidden_states=torch.cat([noisy, cond["i2v_condition"].to(noisy)], dim=1),
+            timestep=timesteps,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            return_dict=False,
+            **extra,
+            **cond.get("model_kwargs", {}),
+        )[0]
+
+
 class Wan22Family(WanFamily):
     """Wan 2.2: two experts split the schedule at ``boundary_ratio``; a run trains one of them.
 
@@ -352,6 +410,7 @@ SUPPORTED = {
     "sd3": SD3Family,
     "flux": FluxFamily,
     "wan": WanFamily,
+    "wan-i2v": WanI2VFamily,
     "hunyuan-video": HunyuanVideoFamily,
     "cogvideox": CogVideoXFamily,
     "mochi": MochiFamily,
@@ -375,8 +434,10 @@ def family_for(pipe: Any, text_kwargs: dict[str, Any] | None = None, expert: str
         name = "sdxl" if unet.config.addition_embed_type == "text_time" else "sd"
     elif transformer is not None:
         name = _TRANSFORMERS.get(type(transformer).__name__)
-        if name == "wan" and transformer.config.image_dim:
-            name = None  # image-to-video needs the first-frame and CLIP-image conditioning
+        if name == "wan" and type(pipe).__name__ == "WanImageToVideoPipeline":
+            # Wan 2.1 I2V; Wan 2.2's two-expert I2V and its 5B TI2V (expand_timesteps) are not handled
+            two = getattr(pipe, "transformer_2", None) is not None or pipe.config.expand_timesteps
+            name = None if two else "wan-i2v"
         elif name == "wan" and getattr(pipe, "transformer_2", None) is not None:
             return Wan22Family(pipe, text_kwargs, expert)
     if name is None:

@@ -84,6 +84,15 @@ register_recipe(
 )
 register_recipe(
     Recipe(
+        name="long-video",
+        description="LoRA length extension: radial attention (O(n log n)) active while training on longer clips",
+        data="video",
+        attention=("radial", {}),  # --option decay_factor=... / block_size=... / sink=...
+        defaults={"resolution": 256, "num_frames": 69},
+    )
+)
+register_recipe(
+    Recipe(
         name="full",
         description="train every parameter of the denoiser (full fine-tuning, or from scratch); saves the whole pipeline",
         data="image",
@@ -92,3 +101,16 @@ register_recipe(
         defaults={"resolution": 512, "save_pipeline": True},
     )
 )
+register_recipe(
+    Recipe(
+        name="full-video",
+        description="train every parameter of a video denoiser (full fine-tuning, or from scratch); saves the whole pipeline",
+        data="video",
+        lora_targets=(),
+        train_modules=("*",),
+        defaults={"resolution": 256, "num_frames": 17, "save_pipeline": True},
+    )
+)
+from . import recipe_lamamba  # noqa: E402, F401  (registers the "lamamba" recipe)
+from .recipe_high_res import LR_RATIO as _HIGH_RES_LR_RATIO  # noqa: E402, F401  (registers the "high-res" recipe)
+from .recipe_roictrl import ADAPTER_ATTR as _ROICTRL_ADAPTER  # noqa: E402, F401  (registers the "roictrl" recipe)

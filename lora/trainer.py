@@ -234,6 +234,22 @@ def _atomic_text(path: Path, text: str) -> None:
         raise
 
 
+# accelerate's sharded modes shard parameters and optimizer state across processes; checkpoints here
+# are written by the main process from its own copy, which under sharding is a shard
+_SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def _check_distributed_type(kind: str) -> None:
+    """Refuse sharded training before any step runs, rather than writing checkpoints of one shard."""
+    if kind in _SHARDED:
+        raise NotImplementedError(
+            f"accelerate is configured for {kind}; diffattn's trainer writes checkpoints and LoRA weights "
+            "from the main process's full copy of the trainable weights, which sharding would cut to one "
+            "shard. Use data parallel (DDP: `accelerate launch --multi_gpu` or `torchrun`): LoRA and "
+            "adapter weights are small, so every process holds them whole."
+        )
+
+
 class Trainer:
     """Builds everything from a :class:`TrainConfig`; :meth:`train` runs it."""
 
@@ -275,6 +291,7 @@ class Trainer:
             gradient_accumulation_steps=cfg.grad_accum,
             cpu=cfg.cpu,
         )
+        _check_distributed_type(self.accelerator.distributed_type.name)
         if self.resume_from is not None:
             self._check_resume(checkpoints.read_state(self.resume_from))
         groups = self.dataset.groups() if hasattr(self.dataset, "groups") else None
@@ -431,6 +448,7 @@ class Trainer:
             else self.family.encode_text(batch["caption"], self.accelerator.device)
         )
         latents = self.family.encode_pixels(batch["pixels"], [_gen(*seed, i, _S_VAE) for i in idx]).float()
+        cond = self.family.condition_on_pixels(batch["pixels"], cond)
         t_list = [self.objective.timestep(self.objective.sample_u(g)) for g in gens]
         noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(latents)
         t = torch.tensor(t_list, device=latents.device, dtype=torch.float32)
@@ -581,6 +599,7 @@ class Trainer:
             call.update(zoo.default_call_kwargs(cfg.model[len(ZOO_PREFIX) :]))
         size = self.dataset.size
         call.update(self.family.validation_kwargs(size[0], size[1], cfg.num_frames))
+        call.update(self.family.validation_extra(self.dataset))
         if cfg.validation_inference_steps:
             call["num_inference_steps"] = cfg.validation_inference_steps
         call["output_type"] = "np"

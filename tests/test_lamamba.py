@@ -487,9 +487,10 @@ def test_lamamba_lora_recipe_trains_new_parameters_and_loads_back(tmp_path):
 
 
 def test_digits_lamamba_build_size():
-    from diffattn.testbed.lamamba import build
+    from diffattn.testbed import models
 
-    pipe = build()
+    pipe = models.build("digits-lamamba")
+    assert type(pipe).__name__ == models.get("digits-lamamba").pipeline_class
     n = sum(p.numel() for p in pipe.transformer.parameters())
     assert n * 4 / 2**20 <= 20  # fp32 weights within the testbed's 20 MB budget
     img = pipe(class_labels=[3], num_inference_steps=1, output_type="np").images
@@ -503,10 +504,16 @@ def test_digits_lamamba_twenty_step_run(tmp_path):
     from diffattn.testbed.lamamba import train
 
     rec = train(
-        run_dir=tmp_path / "run", max_steps=20, batch_size=8, num_images=64, eval_samples=4, log_every=5
+        tmp_path / "out",
+        run_dir=tmp_path / "run",
+        max_steps=20,
+        batch_size=8,
+        num_images=64,
+        eval_samples=4,
+        log_every=5,
     )
-    assert rec["steps"] == 20 and np.isfinite(rec["final_train_loss"])
-    pipe = DiffusionPipeline.from_pretrained(rec["pipeline"])
+    assert rec["steps"] == 20 and np.isfinite(rec["final_train_loss"]) and rec["size_mb"] <= 20
+    pipe = DiffusionPipeline.from_pretrained(rec["out"])
     assert pipe(prompt=["a 3"], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
 
 

@@ -521,3 +521,52 @@ def test_push_to_hub_failure_is_clear(tmp_path, monkeypatch):
 def test_import_diffattn_imports_no_training_code():
     code = "import sys, diffattn, diffattn.cli; assert not [m for m in sys.modules if m.startswith(('diffattn.lora', 'peft'))]"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_wan_i2v_trains_with_the_pipelines_first_frame_conditioning(tmp_path):
+    """Wan 2.1 image-to-video: the trainer builds the same [mask; first-frame latent] condition and CLIP
+    image embedding that WanImageToVideoPipeline builds, trains, validates with an image, and the LoRA
+    loads into the stock pipeline."""
+    from diffattn.lora.models import WanI2VFamily, family_for
+
+    data = write_gifs(tmp_path / "clips", n=2, frames=9, size=16)
+    pipe = zoo.load("wan-i2v")
+    fam = family_for(pipe, {"max_sequence_length": 16})
+    assert isinstance(fam, WanI2VFamily)
+    clip = VideoFolder(data, resolution=16, num_frames=5).load(0)["pixels"][None]  # in [-1, 1]
+    cond = fam.condition_on_pixels(clip, {})
+    image = pipe.video_processor.preprocess(WanI2VFamily.validation_extra(fam, VideoFolder(data, 16, 5))["image"], 16, 16)
+    torch.testing.assert_close(image, clip[:, :, 0], atol=1 / 127.5, rtol=0)  # the same first frame (8-bit)
+    _, ref = pipe.prepare_latents(clip[:, :, 0], 1, 16, 16, 16, 5, torch.float32, torch.device("cpu"))
+    torch.testing.assert_close(cond["i2v_condition"], ref, atol=1e-5, rtol=1e-5)
+    from diffattn.lora.models import _first_frames_pil
+
+    torch.testing.assert_close(cond["image_embeds"], pipe.encode_image(_first_frames_pil(clip), torch.device("cpu")))
+    cfg = TrainConfig(
+        recipe="video",
+        model="zoo:wan-i2v",
+        data=str(data),
+        output=str(tmp_path / "out"),
+        resolution=16,
+        num_frames=5,
+        max_steps=2,
+        cpu=True,
+        validation_every=2,
+        eval_samples=2,
+    )
+    res = Trainer(cfg).train()
+    assert np.isfinite(res.final_loss) and res.fixed_loss_end is not None
+    assert (tmp_path / "out" / "samples" / "step-000002.gif").is_file()
+    fresh = zoo.load("wan-i2v")
+    fresh.load_lora_weights(str(tmp_path / "out"))
+    assert any("lora_A" in n for n, _ in fresh.transformer.named_parameters())
+
+
+def test_sharded_accelerate_modes_are_refused_with_the_alternative():
+    from diffattn.lora.trainer import _check_distributed_type
+
+    for kind in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        _check_distributed_type(kind)
+    for kind in ("FSDP", "DEEPSPEED"):
+        with pytest.raises(NotImplementedError, match=f"configured for {kind}.*DDP"):
+            _check_distributed_type(kind)

@@ -253,16 +253,22 @@ def test_layer_relative_errors_with_hooks():
 def test_testbed_model_builds_generates_and_round_trips(tmp_path, name):
     pipe = TM.build(name)
     kw = {**TM.default_call_kwargs(name), "num_inference_steps": 2}
+    video = "num_frames" in kw
+    if video:
+        kw["num_frames"] = 5  # 2 latent frames
 
     def run(p):
         gens = [torch.Generator().manual_seed(i) for i in range(2)]
-        return p(**TM.prompt_kwargs(kw, ["a 3", "a 7"], gens)).images
+        out = p(**TM.prompt_kwargs(kw, ["a 3", "a 7"], gens))
+        return out.frames if video else out.images
 
     out = run(pipe)
-    assert out.shape == (2, 32, 32, 3) and np.isfinite(out).all()
-    with diffattn.apply(pipe, "dense") as patch:  # every processor applies to it unchanged
-        assert patch.layers
-        np.testing.assert_allclose(run(pipe), out, atol=1e-4)
+    assert out.shape == ((2, 5, 16, 16, 3) if video else (2, 32, 32, 3)) and np.isfinite(out).all()
+    lamamba = name == "digits-lamamba"  # its own window attention + SS2D: no diffusers attention to patch
+    if not lamamba:
+        with diffattn.apply(pipe, "dense") as patch:  # every processor applies to it unchanged
+            assert patch.layers
+            np.testing.assert_allclose(run(pipe), out, atol=1e-4)
     TM.save(pipe, tmp_path / name, name)
     size = sum(f.stat().st_size for f in (tmp_path / name).rglob("*") if f.is_file())
     assert size <= 20 * 2**20, f"{name} is {size / 2**20:.1f} MB"
@@ -270,7 +276,10 @@ def test_testbed_model_builds_generates_and_round_trips(tmp_path, name):
     assert info["name"] == name and info["captions"][3] == "a 3"
     loaded = TM.load_folder(tmp_path / name)
     assert type(loaded).__name__ == TM.get(name).pipeline_class
-    assert isinstance(loaded.vae, TM.PixelSpaceVAE)
+    if lamamba:
+        assert loaded.vae is None  # pixel space without an autoencoder
+    else:
+        assert isinstance(loaded.vae, TM.PixelSpaceVideoVAE if video else TM.PixelSpaceVAE)
     np.testing.assert_array_equal(run(loaded), out)
     from diffusers import DiffusionPipeline
 
@@ -282,6 +291,56 @@ def test_pixel_space_vae_is_the_identity():
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(vae.encode(x).latent_dist.sample(), x) and torch.equal(vae.encode(x).latent_dist.mode(), x)
     assert torch.equal(vae.decode(x).sample, x)
+
+
+def test_pixel_space_video_vae_keeps_wans_time_layout_and_inverts_exactly():
+    vae = TM.PixelSpaceVideoVAE()
+    x = torch.randn(2, 3, 9, 8, 6)  # 1 + 2 * 4 frames
+    z = vae.encode(x).latent_dist.mode()
+    assert z.shape == (2, 12, 3, 8, 6)  # like Wan: frame 0 alone, then one latent frame per 4 frames
+    torch.testing.assert_close(z[:, 3:6, 1], x[:, :, 2])  # latent frame 1 holds frames 1..4, channels stacked
+    for r in range(4):
+        assert torch.equal(z[:, 3 * r : 3 * r + 3, 0], x[:, :, 0])
+    torch.testing.assert_close(vae.decode(z).sample, x, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="has 8 frames; PixelSpaceVideoVAE needs 1 \\+ k \\* 4 frames"):
+        vae.encode(torch.zeros(1, 3, 8, 4, 4))
+    with pytest.raises(ValueError, match="z_dim must be in_channels \\* scale_factor_temporal = 12"):
+        TM.PixelSpaceVideoVAE(z_dim=16)
+
+
+def test_moving_digits_bounce_deterministically_and_are_readable(clf, tmp_path):
+    ds = D.MovingDigitsDataset(num_clips=20, split="heldout", num_frames=40, channels=3, seed=3)
+    a, b = ds[4], ds[4]
+    assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["pixel_values"].shape == (3, 40, 16, 16)
+    pos = a["positions"]
+    assert pos.min() >= 0 and pos.max() <= 8  # an 8 px digit on a 16 px canvas
+    assert set(pos[:, 0].tolist()) == set(range(9))  # it bounces from edge to edge
+    step = (pos[1:] - pos[:-1]).abs()
+    assert (step == 1).all()  # moves every frame on both axes, max_speed 1
+    # the same path at a longer length: the first frames agree
+    longer = D.MovingDigitsDataset(num_clips=20, split="heldout", num_frames=80, channels=3, seed=3)[4]
+    assert torch.equal(longer["pixel_values"][:, :40], a["pixel_values"])
+    # the located digit is where the clip put it, and the classifier reads the crops
+    crops, found = M.locate_digit(a["pixel_values"].permute(1, 0, 2, 3), 8)
+    # within 2 px: a digit's ink rarely fills its whole box, so the best box can slide a little
+    assert (found - pos).abs().max() <= 2 and crops.shape == (40, 3, 8, 8)
+    accs = [M.per_frame_accuracy(ds[i]["pixel_values"].permute(1, 0, 2, 3), ds[i]["label"], clf, digit_size=8)["accuracy"] for i in range(20)]
+    assert np.mean(accs) >= 0.9
+    square = torch.zeros(6, 3, 32, 32)
+    for t in range(6):  # constant velocity: no jitter; a jump: some
+        square[t, :, 2 + t : 10 + t, 3 + 2 * t : 11 + 2 * t] = 1.0
+    assert M.motion_jitter(square, 8) == 0.0
+    square[3] = square[3].roll(5, dims=-1)
+    assert M.motion_jitter(square, 8) > 1.0
+    with pytest.raises(ValueError, match="max_speed must be in"):
+        D.MovingDigitsDataset(max_speed=40)
+    out = D.write_video_folder(D.MovingDigitsDataset(num_clips=2, num_frames=5, channels=3), tmp_path / "clips", progress=False)
+    from diffattn.lora.data import VideoFolder
+
+    clip = VideoFolder(out, resolution=16, num_frames=5).load(1)
+    assert clip["pixels"].shape == (3, 5, 16, 16) and clip["caption"].startswith("a ")
+    assert main(["testbed", "data", "moving", "--count", "2", "--frames", "5", "--out", str(tmp_path / "cli")]) == 0
+    assert len(list((tmp_path / "cli" / "00001").glob("*.png"))) == 5
 
 
 def test_testbed_registry_and_broken_folders(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""``diffattn testbed train digits-unet|digits-dit`` on the trainer's ``full`` recipe (tiny versions)."""
+"""``diffattn testbed train digits-unet|digits-dit|digits-video|digits-lamamba`` on the trainer (tiny versions)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from diffattn.testbed import commands, models
 TINY = {
     "digits-unet": {"block_out_channels": (8, 16, 16), "heads": (1, 1, 1)},
     "digits-dit": {"num_layers": 1, "num_single_layers": 1, "heads": 2},
+    "digits-video": {"num_layers": 1, "heads": 2},
+    "digits-lamamba": {"embed_dim": 8, "num_heads": 1, "depths": (1, 1), "window_size": 4},
 }
 FAST = dict(
     num_images=16,
@@ -33,14 +35,14 @@ FAST = dict(
 )
 
 
-@pytest.mark.parametrize("name", ["digits-unet", "digits-dit"])
+@pytest.mark.parametrize("name", ["digits-unet", "digits-dit", "digits-video", "digits-lamamba"])
 def test_train_tiny_model_loadable_and_loss_decreases(tmp_path, name):
     out, run = tmp_path / "model", tmp_path / "run"
     record = commands.train(name, out=out, seed=0, run_dir=run, model_options=TINY[name], **FAST)
-    assert record["steps"] == 12 and record["train_images"] == 16
+    assert record["steps"] == 12 and record["train_items"] == 16
     assert record["fixed_set_loss_end"] < record["fixed_set_loss_start"]  # it learns
     assert record["size_mb"] < 20
-    # a testbed folder: stock pipeline class, testbed.json with the training record, the loss log
+    # a testbed folder: its pipeline class, testbed.json with the training record, the loss log
     pipe = models.load_folder(out, name)
     assert type(pipe).__name__ == models.get(name).pipeline_class
     info = models.read_info(out)
@@ -51,8 +53,12 @@ def test_train_tiny_model_loadable_and_loss_decreases(tmp_path, name):
     kw = models.prompt_kwargs(
         {**models.default_call_kwargs(name), "num_inference_steps": 2}, ["a 3"], [torch.Generator().manual_seed(0)]
     )
-    img = np.asarray(pipe(**kw).images)
-    assert img.shape == (1, 32, 32, 3) and np.isfinite(img).all()
+    if name == "digits-video":
+        img = np.asarray(pipe(**{**kw, "num_frames": 5}).frames)
+        assert img.shape == (1, 5, 16, 16, 3) and np.isfinite(img).all()
+    else:
+        img = np.asarray(pipe(**kw).images)
+        assert img.shape == (1, 32, 32, 3) and np.isfinite(img).all()
     # two checkpoints kept; resuming continues from the newest and publishes again
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000006", "step-000012"]
     again = commands.train(

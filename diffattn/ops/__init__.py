@@ -13,3 +13,12 @@ __all__ = [
     "sdpa_reference",
     "text_dense_ranges",
 ]
+
+from .roi_align import roi_align, roi_size_for_downsample  # noqa: E402
+from .roi_unpool import roi_unpool  # noqa: E402
+
+__all__ += ["roi_align", "roi_size_for_downsample", "roi_unpool"]
+
+from .selective_scan import selective_scan, selective_scan_chunked, selective_scan_ref  # noqa: E402
+
+__all__ += ["selective_scan", "selective_scan_chunked", "selective_scan_ref"]

@@ -206,9 +206,11 @@ def selective_scan_chunked(
         la = t_first(delta).unsqueeze(-2) * A[:, :, None]  # log decays, (T, b, d, n, nc)
         dA = torch.exp(la)
         xt = t_first(du).unsqueeze(-2) * t_first(B)  # inputs, (T, b, d, n, nc)
-        hs = [xt[0]]
+        # unbind (not xt[t]): its backward is one stack, where T selects would each zero-fill a full buffer
+        xs, dAs = xt.unbind(0), dA.unbind(0)
+        hs = [xs[0]]
         for t in range(1, T):
-            hs.append(torch.addcmul(xt[t], dA[t], hs[-1]))
+            hs.append(torch.addcmul(xs[t], dAs[t], hs[-1]))
         h = torch.stack(hs)  # within-chunk states from a zero start
         if nc > 1:
             P = torch.exp(torch.cumsum(la, dim=0))  # exp(S[t]) <= 1: decay from the chunk start

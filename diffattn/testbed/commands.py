@@ -24,11 +24,13 @@ def _train_diffusion(name: str) -> Callable[..., dict[str, Any]]:
 
 
 # name -> (out, seed, **options) -> training record; the diffusion models train on diffattn.lora's
-# trainer (recipe "full"), see diffattn.testbed.training
+# trainer (recipe "full", "full-video" or "lamamba"), see diffattn.testbed.training
 TRAINERS: dict[str, Callable[..., dict[str, Any]]] = {
     "classifier": _train_classifier,
     "digits-unet": _train_diffusion("digits-unet"),
     "digits-dit": _train_diffusion("digits-dit"),
+    "digits-video": _train_diffusion("digits-video"),
+    "digits-lamamba": _train_diffusion("digits-lamamba"),
 }
 
 
@@ -47,20 +49,29 @@ def export(
     count: int | None = None,
     seed: int = 0,
     size: int | None = None,
+    frames: int | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write testbed dataset ``name`` (``digits``, ``scenes``, ``photos``) as an image folder."""
-    from .data import DATASETS, build_dataset, write_image_folder
+    """Write testbed dataset ``name``: ``digits``, ``scenes``, ``photos`` as an image folder, ``moving`` as
+    folders of frames."""
+    from .data import DATASETS, build_dataset, write_image_folder, write_video_folder
 
     if name not in DATASETS:
         raise ValueError(f"unknown testbed dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if frames is not None and name != "moving":
+        raise ValueError("--frames applies to the moving-digit clips only")
     kw: dict[str, Any] = {}
     if name == "digits":
         if count is not None:
-            raise ValueError("digits has a fixed size per split; --count applies to scenes and photos")
+            raise ValueError("digits has a fixed size per split; --count applies to scenes, photos and moving")
         kw = {"split": split, **({"size": size} if size else {})}
     elif name == "scenes":
         kw = {"split": split, "seed": seed, "num_scenes": count or 1000, **({"canvas": size} if size else {})}
+    elif name == "moving":
+        kw = {"split": split, "seed": seed, "num_clips": count or 1000, "channels": 3}
+        kw.update({"canvas": size} if size else {})
+        kw.update({"num_frames": frames} if frames else {})
+        return write_video_folder(build_dataset(name, **kw), out, overwrite=overwrite)
     else:
         kw = {"seed": seed, "num_crops": count or 1000, **({"size": size} if size else {})}
     return write_image_folder(build_dataset(name, **kw), out, overwrite=overwrite)

@@ -169,6 +169,84 @@ class DigitsDataset(Dataset):
 
 
 # --------------------------------------------------------------------------------------------------
+# Moving digits (video)
+# --------------------------------------------------------------------------------------------------
+
+
+MOVING_CANVAS = 16  # side of the moving-digit clips (digits-video's frame size)
+MOVING_DIGIT = 8  # the digit's side in them: the scikit-learn digits' native 8x8
+
+
+class MovingDigitsDataset(Dataset):
+    """Clips of one digit gliding across a black canvas and bouncing off its edges.
+
+    Items: ``pixel_values`` ``(C, num_frames, canvas, canvas)`` in ``[0, 1]`` (the channels-first
+    video layout of diffusers' video VAEs), ``label``, ``caption`` (``"a 3"``) and ``positions``
+    ``(num_frames, 2)`` (top-left ``x, y`` of the digit per frame). The start position, a velocity of
+    ``1..max_speed`` pixels per frame on each axis (random signs) and the digit (from the given split
+    of the scikit-learn digits) are drawn from ``(seed, i)``. Motion is periodic with a bounce, so a
+    clip of any length is well defined: the same item at 4x ``num_frames`` continues the same path,
+    which is what the length-extension experiment generates.
+    """
+
+    def __init__(
+        self,
+        num_clips: int = 1000,
+        split: str = "train",
+        seed: int = 0,
+        num_frames: int = 29,
+        canvas: int = MOVING_CANVAS,
+        digit_size: int = MOVING_DIGIT,
+        max_speed: int = 1,
+        channels: int = 1,
+        split_seed: int = SPLIT_SEED,
+    ) -> None:
+        if num_clips < 1:
+            raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        if not 4 <= digit_size < canvas:
+            raise ValueError(f"need 4 <= digit_size < canvas, got digit_size={digit_size}, canvas={canvas}")
+        if not 1 <= max_speed <= canvas - digit_size:
+            raise ValueError(f"max_speed must be in [1, canvas - digit_size = {canvas - digit_size}], got {max_speed}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        images8, labels = load_digits_8x8()
+        idx = torch.from_numpy(_split(split, labels, split_seed, HELDOUT_FRACTION))
+        self.digits = upscale_digits(images8[idx], digit_size)
+        self.digit_labels = labels[idx]
+        self.num_clips, self.seed, self.num_frames, self.canvas = num_clips, seed, num_frames, canvas
+        self.digit_size, self.max_speed, self.channels = digit_size, max_speed, channels
+
+    def __len__(self) -> int:
+        return self.num_clips
+
+    def positions(self, rng: np.random.Generator) -> np.ndarray:
+        """``(num_frames, 2)`` top-left corners along a straight path reflected at the canvas edges."""
+        span = self.canvas - self.digit_size
+        start = rng.integers(0, span + 1, size=2)
+        speed = rng.integers(1, self.max_speed + 1, size=2) * rng.choice([-1, 1], size=2)
+        raw = start[None, :] + np.arange(self.num_frames)[:, None] * speed[None, :]
+        folded = np.mod(raw, 2 * span)  # a triangle wave: the bounce
+        return np.where(folded > span, 2 * span - folded, folded).astype(np.int64)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < self.num_clips:
+            raise IndexError(i)
+        rng = _rng(self.seed, i)
+        pick = int(rng.integers(0, len(self.digit_labels)))
+        pos = self.positions(rng)
+        s = self.digit_size
+        video = torch.zeros(1, self.num_frames, self.canvas, self.canvas)
+        for t, (x, y) in enumerate(pos.tolist()):
+            video[0, t, y : y + s, x : x + s] = self.digits[pick, 0]
+        if self.channels == 3:
+            video = video.expand(3, -1, -1, -1).clone()
+        label = int(self.digit_labels[pick])
+        return {"pixel_values": video, "label": label, "caption": caption_for(label), "positions": torch.from_numpy(pos)}
+
+
+# --------------------------------------------------------------------------------------------------
 # Multi-digit scenes
 # --------------------------------------------------------------------------------------------------
 
@@ -428,6 +506,50 @@ def write_image_folder(
     return out
 
 
+def write_video_folder(
+    dataset: Iterable[dict[str, Any]] | Dataset,
+    out_dir: str | os.PathLike,
+    *,
+    mode: str = "RGB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Export video items (``pixel_values`` ``(C, T, H, W)``) as one folder of PNG frames per clip.
+
+    The layout ``diffattn.lora``'s video datasets read: ``NNNNN/000.png ...`` plus ``metadata.jsonl``
+    (``{"file_name": "NNNNN", "text", "label"}``); written under a temporary name, then renamed.
+    """
+    from tqdm.auto import tqdm
+
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    tmp = make_tmp_dir(out)
+    try:
+        meta = []
+        total = len(dataset) if hasattr(dataset, "__len__") else None  # type: ignore[arg-type]
+        for i, item in enumerate(tqdm(dataset, total=total, desc=f"writing {out.name}", disable=not progress)):
+            video = item["pixel_values"]
+            if video.dim() != 4:
+                raise ValueError(f"item {i}: pixel_values must be (C, T, H, W), got {tuple(video.shape)}")
+            clip = tmp / f"{i:05d}"
+            clip.mkdir()
+            for t in range(video.shape[1]):
+                _to_pil(video[:, t], mode).save(clip / f"{t:03d}.png")
+            row: dict[str, Any] = {"file_name": clip.name, "text": item["caption"]}
+            if "label" in item:
+                row["label"] = int(item["label"])
+            meta.append(row)
+        _write_jsonl(tmp / "metadata.jsonl", meta)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "w") as f:
         for row in rows:
@@ -474,11 +596,12 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": DigitsDataset,
     "scenes": DigitScenesDataset,
     "photos": PhotoCropsDataset,
+    "moving": MovingDigitsDataset,
 }
 
 
 def build_dataset(name: str, **kwargs: Any) -> Dataset:
-    """A testbed dataset by name (``digits``, ``scenes``, ``photos``)."""
+    """A testbed dataset by name (``digits``, ``scenes``, ``photos``, ``moving``)."""
     if name not in DATASETS:
         raise ValueError(f"unknown testbed dataset {name!r}; valid names: {', '.join(DATASETS)}")
     return DATASETS[name](**kwargs)

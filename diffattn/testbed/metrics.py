@@ -141,14 +141,45 @@ def _frames(video: Any) -> torch.Tensor:
     return to_nchw(video)
 
 
-def per_frame_accuracy(video: Any, label: int, classifier: Any = None) -> dict[str, Any]:
-    """Class accuracy of every frame of one video of a single digit: ``{"accuracy", "per_frame"}``."""
+def locate_digit(video: Any, digit_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``digit_size`` square holding the most ink in each frame: ``(crops, positions)``.
+
+    ``crops`` is ``(F, C, digit_size, digit_size)``, ``positions`` ``(F, 2)`` top-left ``(x, y)``. A box
+    filter's argmax: for a single digit on a dark canvas (the moving-digit clips) this finds the digit
+    wherever it is, so the classifier, trained on full-frame digits, can read it.
+    """
+    frames = _frames(video)
+    f, c, h, w = frames.shape
+    if not 1 <= digit_size <= min(h, w):
+        raise ValueError(f"digit_size must be in [1, {min(h, w)}] for {h}x{w} frames, got {digit_size}")
+    ink = F.avg_pool2d(frames.mean(dim=1, keepdim=True), digit_size, stride=1)[:, 0]  # (F, h-s+1, w-s+1)
+    flat = ink.flatten(1).argmax(dim=1)
+    ys, xs = flat // ink.shape[-1], flat % ink.shape[-1]
+    crops = torch.stack([frames[i, :, y : y + digit_size, x : x + digit_size] for i, (y, x) in enumerate(zip(ys.tolist(), xs.tolist()))])
+    return crops, torch.stack([xs, ys], dim=1)
+
+
+def per_frame_accuracy(video: Any, label: int, classifier: Any = None, digit_size: int | None = None) -> dict[str, Any]:
+    """Class accuracy of every frame of one video of a single digit: ``{"accuracy", "per_frame"}``.
+
+    ``digit_size``: the digit is that large inside a bigger frame (moving-digit clips); each frame is
+    cropped to it with :func:`locate_digit` before it is classified.
+    """
     from .classifier import load_classifier
 
     model = classifier if classifier is not None else load_classifier()
-    frames = _frames(video).float()
+    frames = _frames(video).float() if digit_size is None else locate_digit(video, digit_size)[0].float()
     hits = (model.predict(frames).cpu() == int(label)).double()
     return {"accuracy": float(hits.mean()), "per_frame": hits.tolist()}
+
+
+def motion_jitter(video: Any, digit_size: int) -> float:
+    """Mean absolute second difference (pixels) of the digit's located position: 0 for constant
+    velocity; bounces and a digit that jumps or vanishes raise it."""
+    pos = locate_digit(video, digit_size)[1].double()
+    if len(pos) < 3:
+        raise ValueError("motion jitter needs at least 3 frames")
+    return float((pos[2:] - 2 * pos[1:-1] + pos[:-2]).abs().sum(dim=1).mean())
 
 
 def temporal_consistency(video: Any) -> dict[str, float]:

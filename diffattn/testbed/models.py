@@ -16,7 +16,13 @@ digits-dit     ``FluxPipeline``: tiny ``FluxTransformer2DModel`` (0.5 M; 2 doubl
                the DiT stand-in.
 =============  ======================================================================================
 
-The autoencoder of both is :class:`PixelSpaceVAE`, the identity: latents are the pixels in
+(``digits-video`` is a tiny ``WanPipeline`` on moving-digit clips, see :func:`build_digits_video`.)
+``digits-lamamba`` is this project's ``LaMambaDiffPipeline`` (class-conditional ``LaMambaDiffModel``:
+window attention + Mamba, no dense attention, so attention processors do not apply to it; no text
+encoder and no autoencoder: prompts ``"a 3"`` name the class, ``vae`` is None), see
+:func:`build_digits_lamamba`.
+
+The autoencoder of the stock ones is :class:`PixelSpaceVAE`, the identity: latents are the pixels in
 ``[-1, 1]`` (``scaling_factor`` 1, ``shift_factor`` 0, ``vae_scale_factor`` 1). Text encoders are
 random, frozen and deterministic: distinct captions give distinct embeddings, and only the denoiser
 trains. Use classifier-free guidance (train with caption dropout to ``""``).
@@ -45,12 +51,15 @@ from diffusers import (
     FluxTransformer2DModel,
     StableDiffusionPipeline,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
 )
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_utils import ModelMixin
-from transformers import CLIPTextModel, T5EncoderModel
+from transformers import CLIPTextModel, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
 from .data import NUM_CLASSES, caption_for, make_tmp_dir, replace_dir
 
@@ -93,6 +102,65 @@ class PixelSpaceVAE(ModelMixin, ConfigMixin):
 
     def forward(self, sample: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
         return self.decode(sample, return_dict=return_dict)
+
+
+class PixelSpaceVideoVAE(ModelMixin, ConfigMixin):
+    """A lossless "video autoencoder" in pixel space with Wan's causal time layout, for ``WanPipeline``.
+
+    Like Wan's VAE, frame 0 is a latent frame of its own and every following group of
+    ``scale_factor_temporal`` frames is one latent frame; the group's frames are stacked along channels
+    instead of being compressed, so ``z_dim = in_channels * scale_factor_temporal`` and ``decode``
+    inverts ``encode`` exactly (frame 0 is stored ``scale_factor_temporal`` times; decoding averages the
+    copies). Space is untouched (``scale_factor_spatial`` 1); ``latents_mean`` 0 / ``latents_std`` 1,
+    so the pipeline's latent normalisation is the identity. Videos need ``1 + k * scale_factor_temporal``
+    frames, which ``WanPipeline`` already enforces.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        scale_factor_temporal: int = 4,
+        scale_factor_spatial: int = 1,
+        z_dim: int = 12,
+        latents_mean: tuple[float, ...] | None = None,
+        latents_std: tuple[float, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        if scale_factor_spatial != 1:
+            raise ValueError(f"PixelSpaceVideoVAE works in pixel space: scale_factor_spatial must be 1, got {scale_factor_spatial}")
+        if z_dim != in_channels * scale_factor_temporal:
+            raise ValueError(
+                f"z_dim must be in_channels * scale_factor_temporal = {in_channels * scale_factor_temporal}, got {z_dim}"
+            )
+        if latents_mean is None or latents_std is None:  # what the pipeline reads; stored in the config
+            self.register_to_config(latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
+        self.register_buffer("anchor", torch.zeros(()), persistent=True)
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
+        r, c = self.config.scale_factor_temporal, self.config.in_channels
+        if x.dim() != 5 or x.shape[1] != c:
+            raise ValueError(f"expected a video (batch, {c}, frames, height, width), got {tuple(x.shape)}")
+        b, _, t, h, w = x.shape
+        if (t - 1) % r:
+            raise ValueError(f"the video has {t} frames; PixelSpaceVideoVAE needs 1 + k * {r} frames")
+        groups = torch.cat([x[:, :, :1].expand(-1, -1, r, -1, -1), x[:, :, 1:]], dim=2)
+        z = groups.reshape(b, c, -1, r, h, w).permute(0, 3, 1, 2, 4, 5).reshape(b, r * c, -1, h, w)
+        dist = DiagonalGaussianDistribution(torch.cat([z, torch.zeros_like(z)], dim=1), deterministic=True)
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, generator: Any = None) -> DecoderOutput | tuple:
+        r, c = self.config.scale_factor_temporal, self.config.in_channels
+        if z.dim() != 5 or z.shape[1] != r * c:
+            raise ValueError(f"expected latents (batch, {r * c}, latent_frames, height, width), got {tuple(z.shape)}")
+        b, _, n, h, w = z.shape
+        groups = z.reshape(b, r, c, n, h, w).permute(0, 2, 3, 1, 4, 5)  # (b, c, n, r, h, w)
+        first = groups[:, :, :1].mean(dim=3)  # the r copies of frame 0
+        video = torch.cat([first, groups[:, :, 1:].reshape(b, c, (n - 1) * r, h, w)], dim=2)
+        return DecoderOutput(sample=video) if return_dict else (video,)
+
+    def forward(self, sample: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
+        return self.decode(self.encode(sample).latent_dist.mode(), return_dict=return_dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,6 +271,92 @@ def build_digits_dit(
     )
 
 
+def build_digits_video(
+    seed: int = 0, num_layers: int = 4, heads: int = 6, patch: int = 2
+) -> WanPipeline:
+    """Untrained ``digits-video``: a tiny pixel-space ``WanTransformer3DModel`` (~0.7 M parameters).
+
+    Frames are 16x16 RGB (an 8 px digit moving on them); :class:`PixelSpaceVideoVAE` stacks 4 frames
+    per latent frame (29 frames -> 8 latent frames) and 2x2 patches give 64 tokens per latent frame, so
+    a training step at batch 16 stays near a second on one CPU thread. A token carries 3 x 4 x 2 x 2 =
+    48 values and the width is 96: the width must exceed what a token carries, or the model cannot pass
+    the noise through to its velocity output (4x4 patches on 32 px frames, 192 values into width 96,
+    trained to a loss floor of 0.6 and sampled noise). ``num_layers``, ``heads`` (of dim 16) and
+    ``patch`` scale it.
+    """
+    from ..zoo import _t5_config, _t5_tokenizer
+
+    tok = _t5_tokenizer(model_max_length=TEXT_LENGTH)
+    _seed(seed, 2)
+    text_encoder = UMT5EncoderModel(_t5_config(tok, d_model=32, cls=UMT5Config)).eval().requires_grad_(False)
+    vae = PixelSpaceVideoVAE()
+    _seed(seed, 0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, patch, patch),
+        num_attention_heads=heads,
+        attention_head_dim=16,
+        in_channels=vae.config.z_dim,
+        out_channels=vae.config.z_dim,
+        text_dim=32,
+        freq_dim=64,
+        ffn_dim=4 * heads * 16,
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=1024,
+    )
+    # Wan's own sampler: UniPC on flow sigmas with a shift of 3
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
+
+
+# digits-lamamba's LaMambaDiffModel config. Sized for the 30-min / 2-core budget from a profile of one
+# batch-32 training step on one thread: the SS2D expansion (ssm_ratio 2 -> 1) and the decoder's extra
+# block per stage (1 -> 0) were most of the time (1.84 s -> 0.48 s per step at patch 2; 4.0 M -> 2.5 M
+# parameters). Patch 4 with 3 stages at width 64 costs about 0.6x that: the digits are 8x8 images
+# upscaled to 32x32, so a 4x4 patch is one source pixel; the width must stay >= 48 (= 4 * 4 * 3 patch
+# values), or the model cannot carry per-pixel noise and its samples stay noisy (width 32 did).
+LAMAMBA_MODEL: dict[str, Any] = dict(
+    sample_size=32,
+    in_channels=3,
+    learn_sigma=False,
+    patch_size=4,
+    embed_dim=64,  # stage widths 64, 128, 128 at 8x8, 4x4, 4x4 tokens
+    num_heads=4,
+    depths=(1, 1, 1),
+    bottleneck_depth=1,
+    decoder_extra_blocks=0,
+    window_size=4,  # 4x4 windows on the 8x8 grid: local, never global attention
+    ssm_ratio=1.0,
+    num_classes=10,
+    class_dropout_prob=0.1,  # the null label for classifier-free guidance
+)
+
+
+def build_digits_lamamba(seed: int = 0, **model_options: Any) -> DiffusionPipeline:
+    """Untrained ``digits-lamamba``: a class-conditional pixel-space LaMamba-Diff U-Net (~2.5 M parameters).
+
+    No text encoder and no autoencoder (``vae=None``: pixel space); prompts ``"a 3"`` name the class
+    (the pipeline reads the first integer). The digits-unet's cosine v-prediction DDIM scheduler.
+    ``model_options`` override :data:`LAMAMBA_MODEL` (``embed_dim``, ``depths`` ...).
+    """
+    from ..models import LaMambaDiffModel
+    from ..pipelines import LaMambaDiffPipeline
+
+    _seed(seed, 0)
+    model = LaMambaDiffModel(**{**LAMAMBA_MODEL, **model_options})
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=1,
+        timestep_spacing="trailing",
+    )
+    return LaMambaDiffPipeline(transformer=model, scheduler=scheduler, vae=None)
+
+
 # --------------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------------
@@ -255,6 +409,30 @@ MODELS: dict[str, TestbedModel] = {
             denoiser=("transformer", "FluxTransformer2DModel"),
             build=build_digits_dit,
             call_kwargs={**_IMAGE_CALL, "true_cfg_scale": 3.0, "negative_prompt": "", "max_sequence_length": TEXT_LENGTH},
+        ),
+        TestbedModel(
+            name="digits-video",
+            description="class-conditional tiny pixel-space WanTransformer3DModel on 16x16 moving-digit clips, 29 frames",
+            pipeline_class="WanPipeline",
+            denoiser=("transformer", "WanTransformer3DModel"),
+            build=build_digits_video,
+            call_kwargs={
+                **_IMAGE_CALL,
+                "height": 16,
+                "width": 16,
+                "num_frames": 29,  # 8 latent frames
+                "guidance_scale": 3.0,
+                "negative_prompt": "",
+                "max_sequence_length": TEXT_LENGTH,
+            },
+        ),
+        TestbedModel(
+            name="digits-lamamba",
+            description="class-conditional pixel-space LaMamba-Diff U-Net on 32x32 digits (window attention + Mamba, no dense attention)",
+            pipeline_class="LaMambaDiffPipeline",
+            denoiser=("transformer", "LaMambaDiffModel"),
+            build=build_digits_lamamba,
+            call_kwargs={**_IMAGE_CALL, "guidance_scale": 3.0},
         ),
     )
 }
@@ -392,6 +570,8 @@ def load_folder(
 ) -> DiffusionPipeline:
     """Load a (testbed) pipeline folder after :func:`check_folder`."""
     check_folder(folder, name)
+    from ..pipelines import lamamba_diff  # noqa: F401  (registers LaMambaDiffPipeline with diffusers)
+
     pipe = DiffusionPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
     # cast after loading: the from_pretrained dtype keyword was renamed across diffusers versions
@@ -404,6 +584,6 @@ def load(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> 
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(
             f"testbed model {name!r} has no shipped weights at {folder}; train it with "
-            f"`diffattn testbed train {name}` (diffattn.lora's trainer, recipe 'full')"
+            f"`diffattn testbed train {name}` (diffattn.lora's trainer)"
         )
     return load_folder(folder, name, dtype=dtype, device=device)

@@ -1,7 +1,8 @@
-"""``diffattn testbed train digits-unet|digits-dit``: train a testbed diffusion model from scratch.
+"""``diffattn testbed train digits-unet|digits-dit|digits-video|digits-lamamba``: train a testbed model.
 
-The run goes through the project's trainer (:mod:`diffattn.lora`, recipe ``full``: every parameter of
-the denoiser trains, the whole pipeline is saved):
+The run goes through the project's trainer (:mod:`diffattn.lora`, recipe ``full``; ``lamamba`` for
+``digits-lamamba``, ``full-video`` for ``digits-video``: every parameter of the denoiser trains, the
+whole pipeline is saved):
 
 1. the untrained pipeline (:func:`diffattn.testbed.models.build`, seeded) is saved into
    ``RUN_DIR/init`` and is the trainer's ``--model``;
@@ -68,7 +69,57 @@ RECIPES: dict[str, dict[str, Any]] = {
         "max_sequence_length": models.TEXT_LENGTH,
         "timestep_sampling": "logit_normal",
     },
+    "digits-video": {
+        "max_steps": 1500,
+        "batch_size": 16,
+        "learning_rate": 1e-3,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 100,
+        "weight_decay": 1e-2,
+        "caption_dropout": 0.1,
+        "ema": True,
+        "ema_decay": 0.998,
+        "checkpoint_every": 250,
+        "checkpoints_total_limit": 2,
+        "log_every": 10,
+        "eval_samples": 16,
+        "max_sequence_length": models.TEXT_LENGTH,
+        "timestep_sampling": "logit_normal",
+        "num_frames": 29,
+    },
+    # recipe "lamamba" (full training of the LaMambaDiffModel); the digits-unet's settings, 3500 steps
+    # to fit the budget (about 0.35 s per batch-32 step on one thread; see models.LAMAMBA_MODEL)
+    "digits-lamamba": {
+        "max_steps": 3500,
+        "batch_size": 32,
+        "learning_rate": 1e-3,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 100,
+        "weight_decay": 1e-2,
+        "caption_dropout": 0.1,  # the null label, for classifier-free guidance
+        "ema": True,
+        "ema_decay": 0.999,
+        "checkpoint_every": 250,
+        "checkpoints_total_limit": 2,
+        "log_every": 10,
+        "eval_samples": 32,
+    },
 }
+
+# per model: (trainer recipe, how its training data is written); images: the digits training split
+VIDEO_CLIPS = 2000  # moving-digit clips digits-video trains on (drawn from the training digits)
+
+
+def _export_data(name: str, folder: Path, num_images: int | None) -> tuple[str, Path, int]:
+    from .data import MovingDigitsDataset, write_video_folder
+
+    if name == "digits-video":
+        clips = MovingDigitsDataset(num_clips=num_images or VIDEO_CLIPS, split="train", channels=3)
+        return "full-video", write_video_folder(clips, folder / "moving", progress=False), len(clips)
+    train_set = DigitsDataset("train", channels=3)
+    items = train_set if num_images is None else [train_set[i] for i in range(min(num_images, len(train_set)))]
+    recipe = "lamamba" if name == "digits-lamamba" else "full"
+    return recipe, write_image_folder(items, folder / "digits", progress=False), len(items)
 
 
 def _write_init(name: str, seed: int, model_options: dict[str, Any], folder: Path) -> None:
@@ -110,7 +161,7 @@ def train_model(
         run_dir: checkpoints, logs and the trainer's output (default ``outputs/testbed-runs/NAME``).
         resume: continue from the newest checkpoint in ``run_dir`` (the same settings are required).
         model_options: builder options (``block_out_channels``, ``heads``, ``num_layers`` ...).
-        num_images: train on the first N training images only (tests).
+        num_images: train on the first N training images (digits-video: N clips) only (tests).
         threads: torch intra-op threads while training (restored after; ``None``: unchanged). One by
             default: these convolutions are small, and on a shared 2-core machine two OpenMP threads
             measured 3-30x slower per step than one (spinning threads wait on each other).
@@ -148,11 +199,9 @@ def train_model(
     n_threads = torch.get_num_threads()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="diffattn-digits-") as tmp:
-        train_set = DigitsDataset("train", channels=3)
-        items = train_set if num_images is None else [train_set[i] for i in range(min(num_images, len(train_set)))]
-        data = write_image_folder(items, Path(tmp) / "digits", progress=False)
+        recipe, data, n_train = _export_data(name, Path(tmp), num_images)
         config = TrainConfig(
-            recipe="full",
+            recipe=recipe,
             model=str(init),
             data=str(data),
             output=str(run),
@@ -169,7 +218,6 @@ def train_model(
             result = train(config)
         finally:
             torch.set_num_threads(n_threads)
-        n_train = len(items)
     elapsed = time.perf_counter() - t0
 
     pipe = models.load_folder(run / PIPELINE_DIR)
@@ -178,7 +226,7 @@ def train_model(
         "name": name,
         "seed": seed,
         "steps": result.steps,
-        "train_images": n_train,
+        "train_items": n_train,
         "final_train_loss": result.final_loss,
         "fixed_set_loss_start": result.fixed_loss_start,
         "fixed_set_loss_end": result.fixed_loss_end,

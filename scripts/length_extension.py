@@ -1,0 +1,214 @@
+"""The length-extension experiment of radial attention, reproduced on the testbed (issue 7).
+
+``digits-video`` (the tiny Wan-architecture testbed model) was trained on 29-frame clips (8 latent
+frames). At ``--factor`` x that length (default 4: 32 latent frames, 125 frames) this compares
+
+(a) dense attention, no tuning            (b) radial attention, no tuning
+(c) radial attention + LoRA (recipe ``long-video``)
+(d) dense attention + LoRA (the same recipe with ``--attention dense``, the same steps and seed)
+
+Quality: per-frame digit accuracy (the shipped classifier on the digit's 8 px box, located per frame),
+temporal consistency (PSNR between consecutive frames) and motion jitter (mean |second difference| of
+the digit's position; 0 for constant velocity) on ``--samples`` videos (class ``i % 10``, seed
+``1000 + i``); the same metrics on real clips of that length are the reference row. Cost: LoRA training
+wall time (c) vs (d) and generation time per video. Writes ``OUT.json`` and ``OUT.png``.
+
+    python scripts/length_extension.py                          # the README table
+    python scripts/length_extension.py --samples 4 --train-steps 4 --clips 8 --steps 4 --out /tmp/le
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import diffattn
+from diffattn.benchmark import environment, save_figure, write_json
+from diffattn.testbed import models
+from diffattn.testbed.classifier import load_classifier
+from diffattn.testbed.data import (
+    MOVING_CANVAS,
+    MOVING_DIGIT,
+    MovingDigitsDataset,
+    caption_for,
+    write_video_folder,
+)
+from diffattn.testbed.metrics import motion_jitter, per_frame_accuracy, temporal_consistency
+
+DIGIT = MOVING_DIGIT  # digit side in the moving-digit clips
+
+
+def video_metrics(videos: list[np.ndarray], labels: list[int], classifier: Any) -> dict[str, float]:
+    """Mean per-frame accuracy, consecutive-frame PSNR and motion jitter over ``(F, H, W, C)`` videos."""
+    acc = [per_frame_accuracy(v, lab, classifier, digit_size=DIGIT)["accuracy"] for v, lab in zip(videos, labels)]
+    cons = [temporal_consistency(v)["psnr_db"] for v in videos]
+    jit = [motion_jitter(v, DIGIT) for v in videos]
+    return {
+        "frame_accuracy": round(float(np.mean(acc)), 4),
+        "consecutive_psnr_db": round(float(np.mean(cons)), 2),
+        "motion_jitter_px": round(float(np.mean(jit)), 3),
+    }
+
+
+def generate(pipe: Any, args: argparse.Namespace, num_frames: int, desc: str) -> tuple[list[np.ndarray], float]:
+    kw = {**models.default_call_kwargs("digits-video"), "num_frames": num_frames, "num_inference_steps": args.steps}
+    videos, seconds = [], 0.0
+    for i in tqdm(range(args.samples), desc=desc, leave=False):
+        t0 = time.perf_counter()
+        out = pipe(prompt=caption_for(i % 10), generator=torch.Generator().manual_seed(1000 + i), **kw).frames[0]
+        seconds += time.perf_counter() - t0
+        videos.append(np.asarray(out))
+    return videos, seconds / args.samples
+
+
+def train_lora(args: argparse.Namespace, data: Path, out: Path, attention: str | None) -> float:
+    from diffattn.lora.trainer import TrainConfig, Trainer
+
+    cfg = TrainConfig(
+        recipe="long-video",
+        model=args.model,
+        data=str(data),
+        output=str(out),
+        seed=0,
+        resolution=MOVING_CANVAS,
+        num_frames=args.long_frames,
+        max_steps=args.train_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        rank=args.rank,
+        lr_scheduler="constant",
+        cpu=True,
+        eval_samples=0,
+        log_every=10,
+        max_sequence_length=models.TEXT_LENGTH,
+        timestep_sampling="logit_normal",
+        attention=attention,
+        attention_options={} if attention == "dense" else dict(args.radial),
+    )
+    t0 = time.perf_counter()
+    Trainer(cfg).train()
+    return time.perf_counter() - t0
+
+
+def figure(rows: list[dict], strips: dict[str, np.ndarray], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(12, 2.0 + 0.9 * len(strips)))
+    grid = fig.add_gridspec(len(strips) + 1, 3, height_ratios=[2.2] + [1] * len(strips))
+    names = [r["condition"] for r in rows]
+    for j, (key, label) in enumerate(
+        (("frame_accuracy", "per-frame digit accuracy"), ("consecutive_psnr_db", "consecutive-frame PSNR (dB)"),
+         ("motion_jitter_px", "motion jitter (px, lower = smoother)"))
+    ):
+        ax = fig.add_subplot(grid[0, j])
+        ax.barh(names, [r[key] for r in rows], color=["#888", "#4a7", "#27c", "#c72", "#555"][: len(rows)])
+        ax.invert_yaxis()
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for i, (name, strip) in enumerate(strips.items()):
+        ax = fig.add_subplot(grid[i + 1, :])
+        ax.imshow(strip)
+        ax.set_axis_off()
+        ax.set_title(f"{name}: every 4th frame of sample 0", fontsize=8, loc="left")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--factor", type=int, default=4, help="length multiple of the trained 8 latent frames")
+    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--steps", type=int, default=25, help="denoising steps per video")
+    p.add_argument("--train-steps", type=int, default=150)
+    p.add_argument("--clips", type=int, default=400, help="long training clips (from the training digits)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=64, help="radial block size (64 = one latent frame)")
+    p.add_argument("--decay-factor", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--model", default=None, help="a digits-video pipeline folder (default: the shipped one)")
+    p.add_argument("--out", default="docs/length_extension")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    args.model = args.model or str(models.weights_dir("digits-video"))
+    args.radial = {"block_size": args.block_size, "decay_factor": args.decay_factor}
+    args.long_frames = 1 + (8 * args.factor - 1) * 4  # 4 video frames per latent frame after the first
+    classifier = load_classifier()
+    rows: list[dict] = []
+    strips: dict[str, np.ndarray] = {}
+
+    def record(name: str, videos: list[np.ndarray], gen_s: float | None, extra: dict | None = None) -> None:
+        labels = [i % 10 for i in range(len(videos))]
+        row = {"condition": name, **video_metrics(videos, labels, classifier)}
+        if gen_s is not None:
+            row["seconds_per_video"] = round(gen_s, 2)
+        rows.append({**row, **(extra or {})})
+        strips[name] = np.concatenate(list(videos[0][::4]), axis=1)
+        print(rows[-1])
+
+    clips = MovingDigitsDataset(num_clips=args.samples, split="heldout", seed=1, num_frames=args.long_frames, channels=3)
+    real = [clips[i]["pixel_values"].permute(1, 2, 3, 0).numpy() for i in range(len(clips))]
+    rows_real = {"condition": "real clips (reference)", **video_metrics(real, [clips[i]["label"] for i in range(len(clips))], classifier)}
+
+    pipe = models.load_folder(args.model, "digits-video")
+    videos, t = generate(pipe, args, args.long_frames, "(a) dense")
+    record("(a) dense, no tuning", videos, t)
+    with diffattn.apply(pipe, "radial", **args.radial):
+        videos, t = generate(pipe, args, args.long_frames, "(b) radial")
+    record("(b) radial, no tuning", videos, t)
+
+    with tempfile.TemporaryDirectory(prefix="diffattn-le-") as tmp:
+        data = write_video_folder(
+            MovingDigitsDataset(num_clips=args.clips, split="train", seed=7, num_frames=args.long_frames, channels=3),
+            Path(tmp) / "clips",
+        )
+        train_s = {}
+        for name, attention in (("radial", None), ("dense", "dense")):
+            train_s[name] = train_lora(args, data, Path(tmp) / name, attention)
+            print(f"LoRA training with {name} attention: {train_s[name]:.1f} s")
+        for name, label in (("radial", "(c) radial + LoRA"), ("dense", "(d) dense + LoRA")):
+            tuned = models.load_folder(args.model, "digits-video")
+            tuned.load_lora_weights(str(Path(tmp) / name))
+            if name == "radial":
+                with diffattn.apply(tuned, "radial", **args.radial):
+                    videos, t = generate(tuned, args, args.long_frames, label)
+            else:
+                videos, t = generate(tuned, args, args.long_frames, label)
+            record(label, videos, t, {"lora_train_seconds": round(train_s[name], 1)})
+    rows.append(rows_real)
+
+    out = Path(args.out)
+    result = {
+        "model": "testbed:digits-video (trained on 29 frames = 8 latent frames)",
+        "frames": args.long_frames,
+        "latent_frames": 8 * args.factor,
+        "tokens": 8 * args.factor * 64,
+        "radial_options": args.radial,
+        "samples": args.samples,
+        "denoising_steps": args.steps,
+        "lora": {"steps": args.train_steps, "batch_size": args.batch_size, "rank": args.rank, "clips": args.clips,
+                 "learning_rate": args.learning_rate},
+        "training_speedup_radial_vs_dense": round(train_s["dense"] / train_s["radial"], 2),
+        "rows": rows,
+        "environment": environment(),
+        "threads": args.threads,
+    }
+    write_json(out.with_suffix(".json"), result)
+    figure(rows[:-1], strips, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
