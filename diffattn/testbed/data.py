@@ -464,18 +464,10 @@ def write_image_folder(
     Returns:
         ``out_dir``.
     """
-    from tqdm.auto import tqdm
+    meta, boxes = [], []
 
-    if mode not in ("RGB", "L"):
-        raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    tmp = make_tmp_dir(out)
-    try:
-        meta, boxes = [], []
-        total = len(dataset) if hasattr(dataset, "__len__") else None  # type: ignore[arg-type]
-        for i, item in enumerate(tqdm(dataset, total=total, desc=f"writing {out.name}", disable=not progress)):
+    def write(tmp: Path, items: Iterable[tuple[int, dict[str, Any]]]) -> None:
+        for i, item in items:
             name = f"{i:05d}.png"
             _to_pil(item["pixel_values"], mode).save(tmp / name)
             row: dict[str, Any] = {"file_name": name, "text": item["caption"]}
@@ -499,11 +491,8 @@ def write_image_folder(
         _write_jsonl(tmp / "metadata.jsonl", meta)
         if boxes:
             _write_jsonl(tmp / "boxes.jsonl", boxes)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return _publish_folder(dataset, out_dir, write, mode, overwrite, progress)
 
 
 def write_video_folder(
@@ -519,18 +508,10 @@ def write_video_folder(
     The layout ``diffattn.lora``'s video datasets read: ``NNNNN/000.png ...`` plus ``metadata.jsonl``
     (``{"file_name": "NNNNN", "text", "label"}``); written under a temporary name, then renamed.
     """
-    from tqdm.auto import tqdm
+    meta = []
 
-    if mode not in ("RGB", "L"):
-        raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    tmp = make_tmp_dir(out)
-    try:
-        meta = []
-        total = len(dataset) if hasattr(dataset, "__len__") else None  # type: ignore[arg-type]
-        for i, item in enumerate(tqdm(dataset, total=total, desc=f"writing {out.name}", disable=not progress)):
+    def write(tmp: Path, items: Iterable[tuple[int, dict[str, Any]]]) -> None:
+        for i, item in items:
             video = item["pixel_values"]
             if video.dim() != 4:
                 raise ValueError(f"item {i}: pixel_values must be (C, T, H, W), got {tuple(video.shape)}")
@@ -543,6 +524,30 @@ def write_video_folder(
                 row["label"] = int(item["label"])
             meta.append(row)
         _write_jsonl(tmp / "metadata.jsonl", meta)
+
+    return _publish_folder(dataset, out_dir, write, mode, overwrite, progress)
+
+
+def _publish_folder(
+    dataset: Iterable[dict[str, Any]] | Dataset,
+    out_dir: str | os.PathLike,
+    write: Callable[[Path, Iterable[tuple[int, dict[str, Any]]]], None],
+    mode: str,
+    overwrite: bool,
+    progress: bool,
+) -> Path:
+    """Run ``write(tmp, enumerated items)`` into a temp folder beside ``out_dir``, then rename it into place."""
+    from tqdm.auto import tqdm
+
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    tmp = make_tmp_dir(out)
+    try:
+        total = len(dataset) if hasattr(dataset, "__len__") else None  # type: ignore[arg-type]
+        write(tmp, enumerate(tqdm(dataset, total=total, desc=f"writing {out.name}", disable=not progress)))
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

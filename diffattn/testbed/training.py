@@ -35,75 +35,33 @@ from .data import DigitsDataset, write_image_folder
 
 RUNS_DIR = Path("outputs") / "testbed-runs"  # default run folder (relative to the working directory)
 
+# shared by every testbed model: AdamW with a cosine schedule, caption dropout 0.1 for classifier-free
+# guidance (the null label for digits-lamamba), EMA, a checkpoint every 250 steps (two kept)
+_COMMON: dict[str, Any] = {
+    "batch_size": 32,
+    "learning_rate": 1e-3,
+    "lr_scheduler": "cosine",
+    "lr_warmup_steps": 100,
+    "weight_decay": 1e-2,
+    "caption_dropout": 0.1,
+    "ema": True,
+    "ema_decay": 0.999,
+    "checkpoint_every": 250,
+    "checkpoints_total_limit": 2,
+    "log_every": 10,
+    "eval_samples": 32,
+}
+_FLOW = {"max_sequence_length": models.TEXT_LENGTH, "timestep_sampling": "logit_normal"}
+
 # per model: TrainConfig fields of the shipped run
 RECIPES: dict[str, dict[str, Any]] = {
-    "digits-unet": {
-        "max_steps": 2000,
-        "batch_size": 32,
-        "learning_rate": 1e-3,
-        "lr_scheduler": "cosine",
-        "lr_warmup_steps": 100,
-        "weight_decay": 1e-2,
-        "caption_dropout": 0.1,  # classifier-free guidance
-        "ema": True,
-        "ema_decay": 0.999,
-        "checkpoint_every": 250,
-        "checkpoints_total_limit": 2,
-        "log_every": 10,
-        "eval_samples": 32,
-    },
-    "digits-dit": {
-        "max_steps": 3000,
-        "batch_size": 32,
-        "learning_rate": 1e-3,
-        "lr_scheduler": "cosine",
-        "lr_warmup_steps": 100,
-        "weight_decay": 1e-2,
-        "caption_dropout": 0.1,
-        "ema": True,
-        "ema_decay": 0.999,
-        "checkpoint_every": 250,
-        "checkpoints_total_limit": 2,
-        "log_every": 10,
-        "eval_samples": 32,
-        "max_sequence_length": models.TEXT_LENGTH,
-        "timestep_sampling": "logit_normal",
-    },
-    "digits-video": {
-        "max_steps": 1500,
-        "batch_size": 16,
-        "learning_rate": 1e-3,
-        "lr_scheduler": "cosine",
-        "lr_warmup_steps": 100,
-        "weight_decay": 1e-2,
-        "caption_dropout": 0.1,
-        "ema": True,
-        "ema_decay": 0.998,
-        "checkpoint_every": 250,
-        "checkpoints_total_limit": 2,
-        "log_every": 10,
-        "eval_samples": 16,
-        "max_sequence_length": models.TEXT_LENGTH,
-        "timestep_sampling": "logit_normal",
-        "num_frames": 29,
-    },
-    # recipe "lamamba" (full training of the LaMambaDiffModel); the digits-unet's settings, 3500 steps
-    # to fit the budget (about 0.35 s per batch-32 step on one thread; see models.LAMAMBA_MODEL)
-    "digits-lamamba": {
-        "max_steps": 3500,
-        "batch_size": 32,
-        "learning_rate": 1e-3,
-        "lr_scheduler": "cosine",
-        "lr_warmup_steps": 100,
-        "weight_decay": 1e-2,
-        "caption_dropout": 0.1,  # the null label, for classifier-free guidance
-        "ema": True,
-        "ema_decay": 0.999,
-        "checkpoint_every": 250,
-        "checkpoints_total_limit": 2,
-        "log_every": 10,
-        "eval_samples": 32,
-    },
+    "digits-unet": {**_COMMON, "max_steps": 2000},
+    "digits-dit": {**_COMMON, **_FLOW, "max_steps": 3000},
+    "digits-video": {**_COMMON, **_FLOW, "max_steps": 1500, "batch_size": 16, "ema_decay": 0.998,
+                     "eval_samples": 16, "num_frames": 29},
+    # recipe "lamamba" (full training of the LaMambaDiffModel): 3500 steps fit the budget (about
+    # 0.35 s per batch-32 step on one thread; see models.LAMAMBA_MODEL)
+    "digits-lamamba": {**_COMMON, "max_steps": 3500},
 }
 
 # per model: (trainer recipe, how its training data is written); images: the digits training split
