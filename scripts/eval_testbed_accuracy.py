@@ -24,7 +24,7 @@ from diffattn.benchmark import write_json
 from diffattn.io import save_images
 from diffattn.testbed import models
 from diffattn.testbed.data import MOVING_DIGIT
-from diffattn.testbed.metrics import class_accuracy, motion_jitter, per_frame_accuracy, temporal_consistency
+from diffattn.testbed.metrics import class_accuracy, moving_digit_metrics
 
 
 def main() -> None:
@@ -39,62 +39,40 @@ def main() -> None:
     pipe = models.load(args.model) if args.folder is None else models.load_folder(args.folder, args.model)
     spec = models.get(args.model)
     call = {**spec.call_kwargs, "num_inference_steps": args.steps}
+    video = "num_frames" in call
     imgs, labels = [], []
     t0 = time.perf_counter()
     for c, caption in enumerate(spec.captions()):
         gens = [torch.Generator().manual_seed(1000 * c + i) for i in range(args.samples)]
         out = pipe(**models.prompt_kwargs(call, [caption] * args.samples, gens))
-        imgs.append(np.asarray(out.frames if "num_frames" in call else out.images))
+        imgs.append(np.asarray(out.frames if video else out.images))
         labels += [c] * args.samples
     imgs = np.concatenate(imgs)
-    if "num_frames" in call:
-        video_report(args, call, imgs, labels, time.perf_counter() - t0)
-        return
-    acc = class_accuracy(imgs, labels)
+    record = {"model": args.model, "folder": args.folder, "samples_per_class": args.samples, "steps": args.steps, "call": call}
+    n = args.samples
+    if video:
+        m = moving_digit_metrics(imgs, labels, MOVING_DIGIT)
+        per_video = m.pop("per_video")
+        classes = sorted(set(labels))
+        per_class = {str(c): float(np.mean([a for a, lab in zip(per_video, labels) if lab == c])) for c in classes}
+        record.update({**m, "per_class": per_class})
+        # every 4th frame of the first sample of each class, a row per class
+        grid = np.concatenate([np.concatenate(list(imgs[c * n][::4]), axis=1) for c in classes], axis=0)
+        summary = (
+            f"per-frame accuracy {m['frame_accuracy']:.4f} on {len(labels)} videos, consecutive-frame PSNR "
+            f"{m['consecutive_psnr_db']:.2f} dB, motion jitter {m['motion_jitter_px']:.3f} px"
+        )
+    else:
+        acc = class_accuracy(imgs, labels)
+        record.update({"accuracy": acc["accuracy"], "per_class": acc["per_class"]})
+        h, w = imgs.shape[1], imgs.shape[2]
+        grid = imgs.reshape(len(spec.captions()), n, h, w, -1).transpose(0, 2, 1, 3, 4).reshape(-1, n * w, imgs.shape[-1])
+        summary = f"class accuracy {acc['accuracy']:.4f} on {len(labels)} samples ({args.steps} steps)"
+    record["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
-    record = {
-        "model": args.model,
-        "folder": args.folder,
-        "samples_per_class": args.samples,
-        "steps": args.steps,
-        "call": call,
-        "accuracy": acc["accuracy"],
-        "per_class": acc["per_class"],
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
     write_json(out.with_suffix(".json"), record)
-    n, h, w = args.samples, imgs.shape[1], imgs.shape[2]
-    grid = imgs.reshape(len(spec.captions()), n, h, w, -1).transpose(0, 2, 1, 3, 4).reshape(-1, n * w, imgs.shape[-1])
     save_images([Image.fromarray((grid.clip(0, 1) * 255).round().astype(np.uint8))], out.with_suffix(".png"))
-    print(f"{args.model}: class accuracy {acc['accuracy']:.4f} on {len(labels)} samples ({args.steps} steps)")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
-
-
-def video_report(args: argparse.Namespace, call: dict, videos: np.ndarray, labels: list[int], seconds: float) -> None:
-    """Per-frame accuracy (the digit located per frame), temporal consistency and motion jitter."""
-    acc = [per_frame_accuracy(v, lab, digit_size=MOVING_DIGIT)["accuracy"] for v, lab in zip(videos, labels)]
-    per_class = {str(c): float(np.mean([a for a, lab in zip(acc, labels) if lab == c])) for c in sorted(set(labels))}
-    out = Path(args.out)
-    record = {
-        "model": args.model,
-        "folder": args.folder,
-        "samples_per_class": args.samples,
-        "steps": args.steps,
-        "call": call,
-        "frame_accuracy": float(np.mean(acc)),
-        "per_class": per_class,
-        "consecutive_psnr_db": float(np.mean([temporal_consistency(v)["psnr_db"] for v in videos])),
-        "motion_jitter_px": float(np.mean([motion_jitter(v, MOVING_DIGIT) for v in videos])),
-        "seconds": round(seconds, 1),
-    }
-    write_json(out.with_suffix(".json"), record)
-    rows = [np.concatenate(list(videos[c * args.samples][::4]), axis=1) for c in range(len(per_class))]
-    grid = np.concatenate(rows, axis=0)
-    save_images([Image.fromarray((grid.clip(0, 1) * 255).round().astype(np.uint8))], out.with_suffix(".png"))
-    print(
-        f"{args.model}: per-frame accuracy {record['frame_accuracy']:.4f} on {len(labels)} videos, consecutive-frame "
-        f"PSNR {record['consecutive_psnr_db']:.2f} dB, motion jitter {record['motion_jitter_px']:.3f} px"
-    )
+    print(f"{args.model}: {summary}")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 

@@ -326,6 +326,10 @@ def test_moving_digits_bounce_deterministically_and_are_readable(clf, tmp_path):
     assert (found - pos).abs().max() <= 2 and crops.shape == (40, 3, 8, 8)
     accs = [M.per_frame_accuracy(ds[i]["pixel_values"].permute(1, 0, 2, 3), ds[i]["label"], clf, digit_size=8)["accuracy"] for i in range(20)]
     assert np.mean(accs) >= 0.9
+    videos = [ds[i]["pixel_values"].permute(1, 0, 2, 3) for i in range(20)]
+    summary = M.moving_digit_metrics(videos, [ds[i]["label"] for i in range(20)], 8, clf)
+    assert summary["per_video"] == accs and summary["frame_accuracy"] == pytest.approx(np.mean(accs))
+    assert summary["motion_jitter_px"] == pytest.approx(np.mean([M.motion_jitter(v, 8) for v in videos]))
     square = torch.zeros(6, 3, 32, 32)
     for t in range(6):  # constant velocity: no jitter; a jump: some
         square[t, :, 2 + t : 10 + t, 3 + 2 * t : 11 + 2 * t] = 1.0

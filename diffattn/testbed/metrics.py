@@ -182,6 +182,25 @@ def motion_jitter(video: Any, digit_size: int) -> float:
     return float((pos[2:] - 2 * pos[1:-1] + pos[:-2]).abs().sum(dim=1).mean())
 
 
+def moving_digit_metrics(
+    videos: Sequence[Any], labels: Sequence[int], digit_size: int, classifier: Any = None
+) -> dict[str, Any]:
+    """Means over videos of one moving digit each: per-frame accuracy (``per_video`` too), consecutive-
+    frame PSNR and motion jitter — the figures the video testbed reports."""
+    from .classifier import load_classifier
+
+    model = classifier if classifier is not None else load_classifier()
+    if len(videos) != len(labels):
+        raise ValueError(f"{len(videos)} videos but {len(labels)} labels")
+    acc = [per_frame_accuracy(v, lab, model, digit_size=digit_size)["accuracy"] for v, lab in zip(videos, labels)]
+    return {
+        "frame_accuracy": float(np.mean(acc)),
+        "per_video": acc,
+        "consecutive_psnr_db": float(np.mean([temporal_consistency(v)["psnr_db"] for v in videos])),
+        "motion_jitter_px": float(np.mean([motion_jitter(v, digit_size) for v in videos])),
+    }
+
+
 def temporal_consistency(video: Any) -> dict[str, float]:
     """Mean PSNR / SSIM between consecutive frames (higher: steadier video)."""
     frames = _frames(video)
