@@ -6,7 +6,7 @@ channel ...).  The trainer itself only sees latents, timesteps and a dict of con
 
 Supported now: ``sd`` (UNet2DConditionModel: SD 1.x/2.x, ControlNet pipelines' UNet), ``sdxl``,
 ``sd3``, ``flux``, ``wan`` (text-to-video), ``wan-i2v`` (2.1 image-to-video), ``wan22`` (one expert
-per run), ``hunyuan-video``, ``cogvideox`` and ``mochi``.  Others (Wan 2.2 image-to-video; PixArt,
+per run), ``hunyuan-video``, ``cogvideox``, ``mochi`` and ``lamamba`` (LaMamba-Diff, full training).  Others (Wan 2.2 image-to-video; PixArt,
 which has no LoRA loader in diffusers) raise an error naming the supported ones.
 """
 
@@ -404,6 +404,47 @@ class MochiFamily(Family):
         return -out if inverted else out
 
 
+class LaMambaFamily(Family):
+    """A :class:`~diffattn.pipelines.LaMambaDiffPipeline` with its ``LaMambaDiffModel``."""
+
+    name = "lamamba"
+    component = "transformer"
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        cfg = self.denoiser.config
+        cond: dict[str, Any] = {}
+        if cfg.cross_attention_dim is not None:
+            emb, mask = self.pipe.encode_prompt(list(captions), device)
+            cond["encoder_hidden_states"] = emb
+            if mask is not None:
+                cond["encoder_attention_mask"] = mask
+        elif cfg.num_classes > 0:
+            from diffattn.pipelines.lamamba_diff import labels_from_prompts
+
+            labels = labels_from_prompts(
+                list(captions), cfg.num_classes, allow_null=cfg.class_dropout_prob > 0
+            )
+            cond["class_labels"] = torch.tensor(labels, device=device, dtype=torch.long)
+        return cond
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        if self.pipe.vae is None:  # pixel space
+            return pixels.to(self.denoiser.device)
+        return super().encode_pixels(pixels, generators)
+
+    def predict(
+        self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]
+    ) -> torch.Tensor:
+        kwargs = {k: v for k, v in cond.items() if k != "model_kwargs"}
+        out = model(noisy, timesteps, return_dict=False, **kwargs, **cond.get("model_kwargs", {}))[0]
+        return out[:, : noisy.shape[1]]  # learned sigma: the noise (or velocity) half
+
+    def validation_kwargs(self, height: int, width: int, num_frames: int | None) -> dict[str, Any]:
+        return {"height": height, "width": width, "guidance_scale": 1.0}
+
+
 SUPPORTED = {
     "sd": SDFamily,
     "sdxl": SDXLFamily,
@@ -414,6 +455,7 @@ SUPPORTED = {
     "hunyuan-video": HunyuanVideoFamily,
     "cogvideox": CogVideoXFamily,
     "mochi": MochiFamily,
+    "lamamba": LaMambaFamily,
 }
 _TRANSFORMERS = {
     "SD3Transformer2DModel": "sd3",
@@ -422,6 +464,7 @@ _TRANSFORMERS = {
     "HunyuanVideoTransformer3DModel": "hunyuan-video",
     "CogVideoXTransformer3DModel": "cogvideox",
     "MochiTransformer3DModel": "mochi",
+    "LaMambaDiffModel": "lamamba",
 }
 
 

@@ -18,59 +18,14 @@ projections and the new window / SS2D parameters (the ``processor`` modules: the
 zero-initialised gate) train in full; they are saved in ``extra_modules.safetensors``. Load the result
 with ``diffattn.apply(pipe, "lamamba", **same_options)`` then ``diffattn.lora.adapters.load(pipe, out)``.
 
-This module also registers the ``lamamba`` model family with :mod:`diffattn.lora.models` (its
-``SUPPORTED`` and ``_TRANSFORMERS`` tables), so the trainer recognises the pipeline's denoiser.
+The trainer recognises the pipeline's denoiser through ``LaMambaFamily`` in :mod:`diffattn.lora.models`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-import torch.nn as nn
-from diffattn.pipelines.lamamba_diff import labels_from_prompts
-
-from . import models
 from .recipes import Recipe, register_recipe
-
-
-class LaMambaFamily(models.Family):
-    """A :class:`~diffattn.pipelines.LaMambaDiffPipeline` with its ``LaMambaDiffModel``."""
-
-    name = "lamamba"
-    component = "transformer"
-
-    @torch.no_grad()
-    def encode_text(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        cfg = self.denoiser.config
-        cond: dict[str, Any] = {}
-        if cfg.cross_attention_dim is not None:
-            emb, mask = self.pipe.encode_prompt(list(captions), device)
-            cond["encoder_hidden_states"] = emb
-            if mask is not None:
-                cond["encoder_attention_mask"] = mask
-        elif cfg.num_classes > 0:
-            labels = labels_from_prompts(
-                list(captions), cfg.num_classes, allow_null=cfg.class_dropout_prob > 0
-            )
-            cond["class_labels"] = torch.tensor(labels, device=device, dtype=torch.long)
-        return cond
-
-    @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        if self.pipe.vae is None:  # pixel space
-            return pixels.to(self.denoiser.device)
-        return super().encode_pixels(pixels, generators)
-
-    def predict(
-        self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]
-    ) -> torch.Tensor:
-        kwargs = {k: v for k, v in cond.items() if k != "model_kwargs"}
-        out = model(noisy, timesteps, return_dict=False, **kwargs, **cond.get("model_kwargs", {}))[0]
-        return out[:, : noisy.shape[1]]  # learned sigma: the noise (or velocity) half
-
-    def validation_kwargs(self, height: int, width: int, num_frames: int | None) -> dict[str, Any]:
-        return {"height": height, "width": width, "guidance_scale": 1.0}
 
 
 def _apply_lamamba(pipe: Any, cfg: Any) -> None:
@@ -88,9 +43,6 @@ def _apply_lamamba(pipe: Any, cfg: Any) -> None:
         raise ValueError(f"{type(pipe).__name__} has no transformer to adapt")
     diffattn.apply(denoiser, "lamamba", **dict(cfg.attention_options))
 
-
-models.SUPPORTED.setdefault("lamamba", LaMambaFamily)
-models._TRANSFORMERS.setdefault("LaMambaDiffModel", "lamamba")
 
 register_recipe(
     Recipe(
