@@ -202,8 +202,8 @@ def bench_train(args, device: str, dtype: torch.dtype) -> dict:
         o = block_sparse_attention(q, k, v, bm, backend="auto")
         torch.autograd.grad(o, (q, k, v), grad_out)
 
-    t_dense = timeit(dense_fb, device, args.repeats)
-    t_radial = timeit(radial_fb, device, args.repeats)
+    t_dense = timeit(dense_fb, device, args.repeats, warmup=args.train_warmup)
+    t_radial = timeit(radial_fb, device, args.repeats, warmup=args.train_warmup)
     result = {
         "latent_frames": f,
         "tokens": n,
@@ -278,6 +278,8 @@ def main() -> None:
     p.add_argument("--skip-step", action="store_true", help="skip (b)")
     p.add_argument("--train-frames", type=int, default=41, help="latent frames for (c); 0 skips it")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--train-warmup", type=int, default=1,
+                   help="(c): untimed calls before timing (0 at 41 frames, where one dense call takes minutes)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--out", default="outputs/bench_radial")
     args = p.parse_args()

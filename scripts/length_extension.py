@@ -1,13 +1,14 @@
 """The length-extension experiment of radial attention, reproduced on the testbed (issue 7).
 
 ``digits-video`` (the tiny Wan-architecture testbed model) was trained on 29-frame clips (8 latent
-frames). At ``--factor`` x that length (default 4: 32 latent frames, 125 frames) this compares
+frames). At that length it first compares dense and radial attention without tuning; then at
+``--factor`` x that length (default 4: 32 latent frames, 125 frames) it compares
 
 (a) dense attention, no tuning            (b) radial attention, no tuning
 (c) radial attention + LoRA (recipe ``long-video``)
 (d) dense attention + LoRA (the same recipe with ``--attention dense``, the same steps and seed)
 
-Quality: per-frame digit accuracy (the shipped classifier on the digit's 8 px box, located per frame),
+Quality: per-frame digit accuracy (the shipped classifier on the digit's box, located per frame),
 temporal consistency (PSNR between consecutive frames) and motion jitter (mean |second difference| of
 the digit's position; 0 for constant velocity) on ``--samples`` videos (class ``i % 10``, seed
 ``1000 + i``); the same metrics on real clips of that length are the reference row. Cost: LoRA training
@@ -20,6 +21,7 @@ wall time (c) vs (d) and generation time per video. Writes ``OUT.json`` and ``OU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +45,7 @@ from diffattn.testbed.data import (
 from diffattn.testbed.metrics import moving_digit_metrics
 
 DIGIT = MOVING_DIGIT  # digit side in the moving-digit clips
+TRAINED_FRAMES = 29  # digits-video's training length (8 latent frames)
 
 
 def video_metrics(videos: list[np.ndarray], labels: list[int], classifier: Any) -> dict[str, float]:
@@ -109,7 +112,7 @@ def figure(rows: list[dict], strips: dict[str, np.ndarray], path: Path) -> None:
          ("motion_jitter_px", "motion jitter (px, lower = smoother)"))
     ):
         ax = fig.add_subplot(grid[0, j])
-        ax.barh(names, [r[key] for r in rows], color=["#888", "#4a7", "#27c", "#c72", "#555"][: len(rows)])
+        ax.barh(names, [r[key] for r in rows], color=["#bbb", "#9c9", "#888", "#4a7", "#27c", "#c72", "#555"][: len(rows)])
         ax.invert_yaxis()
         ax.set_title(label, fontsize=9)
         ax.tick_params(labelsize=7)
@@ -161,6 +164,11 @@ def main() -> None:
     rows_real = {"condition": "real clips (reference)", **video_metrics(real, [clips[i]["label"] for i in range(len(clips))], classifier)}
 
     pipe = models.load_folder(args.model, "digits-video")
+    # at the trained length first: radial without tuning should stay close to dense there
+    for label, opts in (("dense, trained length", None), ("radial, trained length", args.radial)):
+        with diffattn.apply(pipe, "radial", **opts) if opts else contextlib.nullcontext():
+            videos, t = generate(pipe, args, TRAINED_FRAMES, label)
+        record(label, videos, t)
     videos, t = generate(pipe, args, args.long_frames, "(a) dense")
     record("(a) dense, no tuning", videos, t)
     with diffattn.apply(pipe, "radial", **args.radial):

@@ -506,7 +506,7 @@ def _train_long_video(tmp_path, tag, attention, options):
         model=str(model),
         data=str(data),
         output=str(tmp_path / tag),
-        resolution=16,
+        resolution=32,
         num_frames=29,  # 8 latent frames x 64 tokens
         max_steps=2,
         batch_size=2,

@@ -55,7 +55,7 @@ def test_train_tiny_model_loadable_and_loss_decreases(tmp_path, name):
     )
     if name == "digits-video":
         img = np.asarray(pipe(**{**kw, "num_frames": 5}).frames)
-        assert img.shape == (1, 5, 16, 16, 3) and np.isfinite(img).all()
+        assert img.shape == (1, 5, 32, 32, 3) and np.isfinite(img).all()
     else:
         img = np.asarray(pipe(**kw).images)
         assert img.shape == (1, 32, 32, 3) and np.isfinite(img).all()

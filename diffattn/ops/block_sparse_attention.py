@@ -5,7 +5,8 @@ Backends:
 - ``flex``: FlexAttention compiled once per shape and mask signature; forward everywhere, backward on
   GPU only (torch has no flex backward on CPU).
 - ``gather``: plain torch, gathers each query block's kept key blocks; forward and backward on every
-  device, memory bounded by chunking. The CPU training path.
+  device, memory bounded by chunking. The CPU training path: its backward recomputes each chunk from
+  the saved log-sum-exp, so no gathered block is kept between the passes.
 - ``sdpa``: dense ``scaled_dot_product_attention`` with the expanded token mask. The reference the
   others are tested against; its memory is ``q_len x kv_len``, so small shapes only.
 

@@ -2,18 +2,22 @@
 
 This is the engine's sparse path with autograd on every device (FlexAttention has no backward on CPU).
 Every (batch, head, query block) is a *row* with its own list of kept key blocks, and every row runs
-through the fused ``scaled_dot_product_attention`` kernel, so the score matrix is never materialised
-and the backward is the fused kernel's own. Work and memory scale with the number of kept blocks,
-never with ``q_len x kv_len``.
+through the fused ``scaled_dot_product_attention`` kernel, so the score matrix is never materialised.
+Work and memory scale with the number of kept blocks, never with ``q_len x kv_len``.
 
-- Without autograd, rows whose kept blocks form one contiguous run (bands, local windows) read their
-  keys in place through strided views; rows with identical runs share one long query.
+- Rows whose kept blocks form one contiguous run (bands, local windows) read their keys in place
+  through strided views; rows with identical runs share one long query.
 - Other rows are grouped by how many blocks they keep (no row is ever padded), their key/value blocks
-  gathered with ``index_select`` into a reused workspace, and token-level checks applied only to rows
-  that need them.
+  gathered with ``index_select`` (into a reused workspace without autograd), and token-level checks
+  applied only to rows that need them.
+- On CPU with autograd, a custom ``autograd.Function`` calls the fused flash kernel and its backward
+  directly: the forward keeps only the output and its log-sum-exp, the backward gathers again and
+  recomputes, so no gathered block lives between the passes.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,115 +63,97 @@ def contiguous_run_fraction(bm: BlockMask) -> float:
     return bm._cache["run_fraction"]
 
 
-def _contiguous_runs(
-    qf: torch.Tensor,
-    kf: torch.Tensor,
-    vf: torch.Tensor,
-    eff: torch.Tensor,
-    counts: torch.Tensor,
-    partial: torch.Tensor,
-    qb_n: int,
-    kb_n: int,
-    scale: float | None,
-    outs: list,
-    rows_done: list,
-) -> torch.Tensor:
-    """Rows whose kept blocks form one contiguous run read their keys in place, without a gather.
+def _run_groups(
+    eff: torch.Tensor, counts: torch.Tensor, partial: torch.Tensor, qb_n: int, kb_n: int, n_kblocks: int
+) -> tuple[list[tuple[torch.Tensor, int, int, int]], torch.Tensor]:
+    """Rows whose kept blocks form one contiguous run, grouped so each group is one strided view.
 
     Local windows and bands are made of such rows. Rows with the same run length whose run starts form
     an arithmetic progression are one strided view of the key/value storage, so a single fused SDPA
     call covers them with no copy (copying the gathered blocks costs about as much as the attention on
-    CPU). Forward only: the overlapping views would make autograd accumulate through ``as_strided``.
-    Returns the rows handled here.
+    CPU). Returns ``(rows, first run start, step between starts, run length)`` per group (starts in
+    blocks of the flat key storage) and the mask of rows covered.
     """
-    bs, dim = kf.shape[1], kf.shape[2]
-    kf, vf = kf.contiguous(), vf.contiguous()  # the strided views below assume the dense layout
     run, first = _run_rows(eff, counts, partial)
     handled = torch.zeros_like(run)
+    groups: list[tuple[torch.Tensor, int, int, int]] = []
     if not bool(run.any()):
-        return handled
+        return groups, handled
     rows = torch.nonzero(run).flatten()
-    offset = (rows // qb_n) * kb_n + first[rows]  # start of the run, in blocks of the flat key storage
+    offset = (rows // qb_n) * kb_n + first[rows]
     m_of = counts[rows]
-    order = torch.argsort(m_of * (kf.shape[0] + 1) + offset, stable=True)
-    rows, offset, m_of = rows[order].tolist(), offset[order].tolist(), m_of[order].tolist()
+    order = torch.argsort(m_of * (n_kblocks + 1) + offset, stable=True)
+    rows_l, offset_l, m_l = rows[order].tolist(), offset[order].tolist(), m_of[order].tolist()
     i = 0
-    while i < len(rows):
+    while i < len(rows_l):
         # the longest arithmetic progression of run starts with one run length
         j, step = i + 1, 0
-        if j < len(rows) and m_of[j] == m_of[i]:
-            step = offset[j] - offset[i]
-            while j < len(rows) and m_of[j] == m_of[i] and offset[j] - offset[j - 1] == step:
+        if j < len(rows_l) and m_l[j] == m_l[i]:
+            step = offset_l[j] - offset_l[i]
+            while j < len(rows_l) and m_l[j] == m_l[i] and offset_l[j] - offset_l[j - 1] == step:
                 j += 1
-        m, n = m_of[i], j - i
-        idx = torch.tensor(rows[i:j], device=qf.device)
-        base = offset[i] * bs * dim
-        if step == 0:
-            # identical key sets: one long query run against one contiguous key slice (a stride-0
-            # batch view would make the kernel expand the keys)
-            tok = offset[i] * bs
-            kc = kf.view(-1, dim)[tok : tok + m * bs][None, None]
-            vc = vf.view(-1, dim)[tok : tok + m * bs][None, None]
-            qc = qf.index_select(0, idx).view(1, 1, n * bs, dim)
-            o = F.scaled_dot_product_attention(qc, kc, vc, scale=scale).view(n, bs, dim)
-        else:
-            size, stride = (n, 1, m * bs, dim), (step * bs * dim, 0, dim, 1)
-            kc = kf.as_strided(size, stride, kf.storage_offset() + base)
-            vc = vf.as_strided(size, stride, vf.storage_offset() + base)
-            qc = qf.index_select(0, idx)[:, None]
-            o = F.scaled_dot_product_attention(qc, kc, vc, scale=scale)[:, 0]
-        outs.append(o)
-        rows_done.append(idx)
+        groups.append((torch.tensor(rows_l[i:j], device=eff.device), offset_l[i], step, m_l[i]))
         i = j
-    handled[torch.tensor(rows, device=handled.device)] = True
-    return handled
+    handled[rows] = True
+    return groups, handled
 
 
-def gather_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float | None = None
-) -> torch.Tensor:
-    """Block-sparse attention by gathering kept key blocks; differentiable in q, k and v.
+def _run_views(
+    qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, group: tuple[torch.Tensor, int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, k, v)`` of one run group as SDPA inputs; keys and values are views, never copies."""
+    rows, start, step, m = group
+    n, bs, dim = len(rows), kf.shape[1], kf.shape[2]
+    if step == 0:
+        # identical key sets: one long query run against one contiguous key slice (a stride-0 batch
+        # view would make the kernel expand the keys)
+        tok = start * bs
+        kc = kf.view(-1, dim)[tok : tok + m * bs][None, None]
+        vc = vf.view(-1, dim)[tok : tok + m * bs][None, None]
+        return qf.index_select(0, rows).view(1, 1, n * bs, dim), kc, vc
+    size, stride = (n, 1, m * bs, dim), (step * bs * dim, 0, dim, 1)
+    kc = kf.as_strided(size, stride, kf.storage_offset() + start * bs * dim)
+    vc = vf.as_strided(size, stride, vf.storage_offset() + start * bs * dim)
+    return qf.index_select(0, rows)[:, None], kc, vc
 
-    Query rows that see no key give zeros (and zero gradients).
+
+def _run_flat(group: tuple[torch.Tensor, int, int, int]) -> torch.Tensor:
+    """The key blocks a run group reads, as flat block indices (row-major, ``len(rows) * m``)."""
+    rows, start, step, m = group
+    starts = start + step * torch.arange(len(rows), device=rows.device)
+    return (starts[:, None] + torch.arange(m, device=rows.device)).reshape(-1)
+
+
+class _Chunk(NamedTuple):
+    """Rows that keep ``m`` gathered key blocks each (``flat``: their flat block indices)."""
+
+    rows: torch.Tensor
+    flat: torch.Tensor
+    m: int
+    mask: torch.Tensor | None  # (rows, 1, bs, m * bs) token visibility, only where a block is partial
+    empty: torch.Tensor | None  # (rows, 1, bs, 1) queries that see no key at all
+
+
+def _gather_chunks(
+    bm: BlockMask, eff: torch.Tensor, full: torch.Tensor, counts: torch.Tensor, partial: torch.Tensor,
+    handled: torch.Tensor, heads: int, dim: int, itemsize: int, max_bytes: int = _CHUNK_BYTES,
+) -> list[_Chunk]:
+    """The rows not ``handled``, grouped by (kept blocks, needs a token check) and cut into chunks.
+
+    Inside a group no row is padded, so the fused kernel runs without a mask unless tokens really need
+    one (a masked SDPA call costs about twice an unmasked one on CPU).
     """
-    bm = block_mask
-    batch, heads, q_len, dim = q.shape
-    bs, qb_n, kb_n = bm.block_size, bm.q_blocks, bm.k_blocks
-    dev = q.device
-
-    eff = bm.effective_bitmap().expand(batch, heads, qb_n, kb_n).reshape(-1, kb_n)
-    full = (bm.full_bitmap().expand(batch, heads, qb_n, kb_n).reshape(-1, kb_n)) & eff
-    counts = eff.sum(-1)
-    # Rows are grouped by (kept blocks, needs a token-level check): inside a group no row is padded,
-    # so the fused kernel runs without a mask unless tokens really need one (a masked SDPA call costs
-    # about twice an unmasked one on CPU).
-    partial = (eff & ~full).any(-1)
-    qf, kf, vf = _pad_rows(q, bs), _pad_rows(k, bs), _pad_rows(v, bs)
-    outs, rows_done = [], []
-
-    handled = torch.zeros_like(counts, dtype=torch.bool)
-    if not _needs_grad(q, k, v):
-        handled = _contiguous_runs(qf, kf, vf, eff, counts, partial, qb_n, kb_n, scale, outs, rows_done)
+    bs, qb_n, kb_n, dev = bm.block_size, bm.q_blocks, bm.k_blocks, eff.device
     group_key = torch.where(handled, torch.full_like(counts, -1), counts * 2 + partial.long())
     order = torch.argsort(group_key, stable=True)
     order = order[int(handled.sum()) :]  # handled rows sort first (key -1)
     sorted_keys = group_key[order].tolist()
-
-    # Without autograd the gathered blocks are scratch: one buffer reused by every chunk. Freshly
-    # allocated large tensors are paid for in page faults on first touch, which on CPU cost as much as
-    # the attention itself; with autograd each chunk's gather must live on for the backward.
-    reuse = not _needs_grad(q, k, v)
-    block_elems = bs * dim
-    workspace = None
-    if reuse:
-        max_blocks = max(1, _CHUNK_BYTES // (2 * block_elems * k.element_size()))
-        total_blocks = int(counts[~handled].sum())
-        workspace = k.new_empty(2, min(max_blocks, max(total_blocks, 1)), bs, dim)
+    chunks: list[_Chunk] = []
     pos, n_rows = 0, len(sorted_keys)
     while pos < n_rows:
         key = sorted_keys[pos]
         m, needs_mask = key // 2, bool(key % 2)
-        max_rows = max(1, _CHUNK_BYTES // max(1, m * bs * dim * k.element_size() * 2))
+        max_rows = max(1, max_bytes // max(1, m * bs * dim * itemsize * 2))
         end = pos + 1
         while end < n_rows and sorted_keys[end] == key and end - pos < max_rows:
             end += 1
@@ -194,33 +180,167 @@ def gather_attention(
                 first_slot = torch.zeros_like(mask)
                 first_slot[..., 0] = True
                 mask = mask | (empty & first_slot)
+        chunks.append(_Chunk(rows, flat, m, mask, empty))
+    return chunks
 
-        def chunk(qf_, kf_, vf_, rows=rows, flat=flat, m=m, mask=mask, empty=empty, scratch=None):
-            if scratch is not None:
-                kc = torch.index_select(kf_, 0, flat, out=scratch[0, : flat.numel()])
-                vc = torch.index_select(vf_, 0, flat, out=scratch[1, : flat.numel()])
-            else:
-                kc, vc = kf_.index_select(0, flat), vf_.index_select(0, flat)
-            kc = kc.view(len(rows), 1, m * bs, dim)
-            vc = vc.view(len(rows), 1, m * bs, dim)
-            qc = qf_.index_select(0, rows)[:, None]
-            o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale)
-            if empty is not None:
-                o = o.masked_fill(empty.expand_as(o), 0.0)
-            return o
 
-        if reuse:
-            fits = workspace is not None and flat.numel() <= workspace.shape[1]
-            o = chunk(qf, kf, vf, scratch=workspace if fits else None)
+def _row_plan(bm: BlockMask, batch: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """Per (batch, head, query block) row: kept blocks, blocks needing no token check, counts, partial."""
+    qb_n, kb_n = bm.q_blocks, bm.k_blocks
+    eff = bm.effective_bitmap().expand(batch, heads, qb_n, kb_n).reshape(-1, kb_n)
+    full = (bm.full_bitmap().expand(batch, heads, qb_n, kb_n).reshape(-1, kb_n)) & eff
+    counts = eff.sum(-1)
+    partial = (eff & ~full).any(-1)
+    return eff, full, counts, partial
+
+
+# --- CPU training path ------------------------------------------------------------------------------
+# The fused CPU flash-attention kernel and its backward, called directly: the forward returns the
+# log-sum-exp, so the backward recomputes each chunk's attention from (q, gathered k/v, out, lse) and
+# nothing gathered is kept between the passes. Autograd through index_select + SDPA kept every
+# gathered key/value block alive until the backward (about density x 2 x K per layer: 5.8 GB for one
+# layer at Wan 480p, 21 latent frames), and that memory traffic made it slower than dense.
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _has_cpu_flash(q: torch.Tensor) -> bool:
+    """Whether the CPU training path applies (elsewhere autograd runs through the fused SDPA kernels)."""
+    return q.device.type == "cpu"
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The kernel takes float masks only: 0 where visible, -inf elsewhere."""
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+class _GatherAttentionCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bm: BlockMask, scale: float | None):  # noqa: ANN001, ANN205
+        batch, heads, q_len, dim = q.shape
+        bs = bm.block_size
+        eff, full, counts, partial = _row_plan(bm, batch, heads)
+        qf, kf, vf = _pad_rows(q, bs).contiguous(), _pad_rows(k, bs).contiguous(), _pad_rows(v, bs).contiguous()
+        runs, handled = _run_groups(eff, counts, partial, bm.q_blocks, bm.k_blocks, kf.shape[0])
+        chunks = _gather_chunks(bm, eff, full, counts, partial, handled, heads, dim, k.element_size())
+        out = torch.zeros_like(qf)
+        lse = torch.zeros(qf.shape[:2], dtype=torch.float32, device=q.device)
+        for group in runs:
+            qc, kc, vc = _run_views(qf, kf, vf, group)
+            o, lse_c = _flash_cpu(qc, kc, vc, 0.0, False, scale=scale)
+            out[group[0]] = o.reshape(len(group[0]), bs, dim)
+            lse[group[0]] = lse_c.reshape(len(group[0]), bs).float()
+        for c in chunks:
+            kc = kf.index_select(0, c.flat).view(len(c.rows), 1, c.m * bs, dim)
+            vc = vf.index_select(0, c.flat).view(len(c.rows), 1, c.m * bs, dim)
+            o, lse_c = _flash_cpu(qf.index_select(0, c.rows)[:, None], kc, vc, 0.0, False,
+                                  attn_mask=_additive(c.mask, q.dtype), scale=scale)
+            if c.empty is not None:
+                o = o.masked_fill(c.empty, 0.0)
+            out[c.rows] = o[:, 0]
+            lse[c.rows] = lse_c[:, 0].float()
+        ctx.save_for_backward(qf, kf, vf, out, lse)
+        ctx.plan = (runs, chunks, scale, q.shape, k.shape[2])
+        return out.view(batch, heads, -1, dim)[:, :, :q_len]
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        qf, kf, vf, out, lse = ctx.saved_tensors
+        runs, chunks, scale, q_shape, kv_len = ctx.plan
+        batch, heads, q_len, dim = q_shape
+        bs = kf.shape[1]
+        gf = _pad_rows(grad_out.contiguous(), bs).to(qf.dtype)
+        dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+        for group in runs:
+            rows, n = group[0], len(group[0])
+            qc, kc, vc = _run_views(qf, kf, vf, group)
+            shape = qc.shape
+            g, o = gf[rows].view(shape), out[rows].view(shape)
+            lse_c = lse[rows].view(shape[:-1])
+            dqc, dkc, dvc = _flash_cpu_backward(g, qc, kc, vc, o, lse_c, 0.0, False, scale=scale)
+            dq[rows] = dqc.reshape(n, bs, dim)
+            flat = _run_flat(group)
+            # step 0: one key slice shared by every row of the group (dkc holds it once)
+            if group[2] == 0:
+                flat = flat[: group[3]]
+            dk.index_add_(0, flat, dkc.reshape(-1, bs, dim))
+            dv.index_add_(0, flat, dvc.reshape(-1, bs, dim))
+        for c in chunks:
+            n = len(c.rows)
+            kc = kf.index_select(0, c.flat).view(n, 1, c.m * bs, dim)
+            vc = vf.index_select(0, c.flat).view(n, 1, c.m * bs, dim)
+            g = gf.index_select(0, c.rows)[:, None]
+            if c.empty is not None:
+                g = g.masked_fill(c.empty, 0.0)  # zeroed outputs pass no gradient
+            lse_c = lse.index_select(0, c.rows)[:, None]
+            dqc, dkc, dvc = _flash_cpu_backward(
+                g, qf.index_select(0, c.rows)[:, None], kc, vc, out.index_select(0, c.rows)[:, None], lse_c,
+                0.0, False, attn_mask=_additive(c.mask, qf.dtype), scale=scale,
+            )
+            dq[c.rows] = dqc[:, 0]
+            dk.index_add_(0, c.flat, dkc.view(-1, bs, dim))
+            dv.index_add_(0, c.flat, dvc.view(-1, bs, dim))
+
+        def unpad(x: torch.Tensor, length: int) -> torch.Tensor:
+            return x.view(batch, heads, -1, dim)[:, :, :length]
+
+        return unpad(dq, q_len), unpad(dk, kv_len), unpad(dv, kv_len), None, None
+
+
+def gather_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float | None = None
+) -> torch.Tensor:
+    """Block-sparse attention by gathering kept key blocks; differentiable in q, k and v.
+
+    Query rows that see no key give zeros (and zero gradients).
+    """
+    if _needs_grad(q, k, v) and _has_cpu_flash(q):
+        return _GatherAttentionCPU.apply(q, k, v, block_mask, scale)
+    bm = block_mask
+    batch, heads, q_len, dim = q.shape
+    bs = bm.block_size
+    eff, full, counts, partial = _row_plan(bm, batch, heads)
+    qf, kf, vf = _pad_rows(q, bs), _pad_rows(k, bs), _pad_rows(v, bs)
+    outs, rows_done = [], []
+    grad = _needs_grad(q, k, v)
+    handled = torch.zeros_like(counts, dtype=torch.bool)
+    if not grad:
+        # forward only: the overlapping strided views would make autograd accumulate through as_strided
+        kf, vf = kf.contiguous(), vf.contiguous()
+        runs, handled = _run_groups(eff, counts, partial, bm.q_blocks, bm.k_blocks, kf.shape[0])
+        for group in runs:
+            qc, kc, vc = _run_views(qf, kf, vf, group)
+            outs.append(F.scaled_dot_product_attention(qc, kc, vc, scale=scale).reshape(len(group[0]), bs, dim))
+            rows_done.append(group[0])
+    chunks = _gather_chunks(bm, eff, full, counts, partial, handled, heads, dim, k.element_size())
+
+    # Without autograd the gathered blocks are scratch: one buffer reused by every chunk. Freshly
+    # allocated large tensors are paid for in page faults on first touch, which on CPU cost as much as
+    # the attention itself. With autograd (GPU; the CPU path above recomputes instead) each chunk's
+    # gather lives on for the backward.
+    workspace = None
+    if not grad and chunks:
+        max_blocks = max(1, _CHUNK_BYTES // (2 * bs * dim * k.element_size()))
+        total_blocks = sum(c.flat.numel() for c in chunks)
+        workspace = k.new_empty(2, min(max_blocks, total_blocks), bs, dim)
+    for c in chunks:
+        n = c.flat.numel()
+        if workspace is not None and n <= workspace.shape[1]:
+            kc = torch.index_select(kf, 0, c.flat, out=workspace[0, :n])
+            vc = torch.index_select(vf, 0, c.flat, out=workspace[1, :n])
         else:
-            # autograd keeps each chunk's gathered key/value blocks for the backward (about density x
-            # the full K and V); recomputing them per chunk (torch.utils.checkpoint) measured several
-            # times slower here, so memory is traded for speed
-            o = chunk(qf, kf, vf)
+            kc, vc = kf.index_select(0, c.flat), vf.index_select(0, c.flat)
+        kc = kc.view(len(c.rows), 1, c.m * bs, dim)
+        vc = vc.view(len(c.rows), 1, c.m * bs, dim)
+        o = F.scaled_dot_product_attention(qf.index_select(0, c.rows)[:, None], kc, vc, attn_mask=c.mask, scale=scale)
+        if c.empty is not None:
+            o = o.masked_fill(c.empty.expand_as(o), 0.0)
         outs.append(o[:, 0])
-        rows_done.append(rows)
+        rows_done.append(c.rows)
 
     out = torch.zeros_like(qf)
     if outs:
         out = out.index_copy(0, torch.cat(rows_done), torch.cat(outs))
-    return out.view(batch, heads, qb_n * bs, dim)[:, :, :q_len]
+    return out.view(batch, heads, bm.q_blocks * bs, dim)[:, :, :q_len]

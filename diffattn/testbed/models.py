@@ -113,7 +113,9 @@ class PixelSpaceVideoVAE(ModelMixin, ConfigMixin):
     inverts ``encode`` exactly (frame 0 is stored ``scale_factor_temporal`` times; decoding averages the
     copies). Space is untouched (``scale_factor_spatial`` 1); ``latents_mean`` 0 / ``latents_std`` 1,
     so the pipeline's latent normalisation is the identity. Videos need ``1 + k * scale_factor_temporal``
-    frames, which ``WanPipeline`` already enforces.
+    frames, which ``WanPipeline`` already enforces. With ``latent_channels=1`` a frame is stored as the
+    mean of its channels and decoded to ``in_channels`` equal channels: lossless on grey videos (the
+    moving digits), with a third of the latent values.
     """
 
     @register_to_config
@@ -125,14 +127,19 @@ class PixelSpaceVideoVAE(ModelMixin, ConfigMixin):
         z_dim: int = 12,
         latents_mean: tuple[float, ...] | None = None,
         latents_std: tuple[float, ...] | None = None,
+        latent_channels: int | None = None,
     ) -> None:
         super().__init__()
         if scale_factor_spatial != 1:
             raise ValueError(f"PixelSpaceVideoVAE works in pixel space: scale_factor_spatial must be 1, got {scale_factor_spatial}")
-        if z_dim != in_channels * scale_factor_temporal:
+        lc = in_channels if latent_channels is None else latent_channels
+        if lc not in (1, in_channels):
+            raise ValueError(f"latent_channels must be 1 (grey) or in_channels={in_channels}, got {latent_channels}")
+        if z_dim != lc * scale_factor_temporal:
             raise ValueError(
-                f"z_dim must be in_channels * scale_factor_temporal = {in_channels * scale_factor_temporal}, got {z_dim}"
+                f"z_dim must be latent_channels * scale_factor_temporal = {lc * scale_factor_temporal}, got {z_dim}"
             )
+        self.register_to_config(latent_channels=lc)
         if latents_mean is None or latents_std is None:  # what the pipeline reads; stored in the config
             self.register_to_config(latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
         self.register_buffer("anchor", torch.zeros(()), persistent=True)
@@ -144,19 +151,23 @@ class PixelSpaceVideoVAE(ModelMixin, ConfigMixin):
         b, _, t, h, w = x.shape
         if (t - 1) % r:
             raise ValueError(f"the video has {t} frames; PixelSpaceVideoVAE needs 1 + k * {r} frames")
+        if self.config.latent_channels != c:
+            x, c = x.mean(dim=1, keepdim=True), 1
         groups = torch.cat([x[:, :, :1].expand(-1, -1, r, -1, -1), x[:, :, 1:]], dim=2)
         z = groups.reshape(b, c, -1, r, h, w).permute(0, 3, 1, 2, 4, 5).reshape(b, r * c, -1, h, w)
         dist = DiagonalGaussianDistribution(torch.cat([z, torch.zeros_like(z)], dim=1), deterministic=True)
         return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
 
     def decode(self, z: torch.Tensor, return_dict: bool = True, generator: Any = None) -> DecoderOutput | tuple:
-        r, c = self.config.scale_factor_temporal, self.config.in_channels
+        r, c = self.config.scale_factor_temporal, self.config.latent_channels
         if z.dim() != 5 or z.shape[1] != r * c:
             raise ValueError(f"expected latents (batch, {r * c}, latent_frames, height, width), got {tuple(z.shape)}")
         b, _, n, h, w = z.shape
         groups = z.reshape(b, r, c, n, h, w).permute(0, 2, 3, 1, 4, 5)  # (b, c, n, r, h, w)
         first = groups[:, :, :1].mean(dim=3)  # the r copies of frame 0
         video = torch.cat([first, groups[:, :, 1:].reshape(b, c, (n - 1) * r, h, w)], dim=2)
+        if c != self.config.in_channels:
+            video = video.expand(-1, self.config.in_channels, -1, -1, -1).contiguous()
         return DecoderOutput(sample=video) if return_dict else (video,)
 
     def forward(self, sample: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
@@ -272,24 +283,29 @@ def build_digits_dit(
 
 
 def build_digits_video(
-    seed: int = 0, num_layers: int = 4, heads: int = 6, patch: int = 2
+    seed: int = 0,
+    num_layers: int = 4,
+    heads: int = 8,
+    patch: int = 4,
+    flow_shift: float = 3.0,
+    grey: bool = True,
 ) -> WanPipeline:
-    """Untrained ``digits-video``: a tiny pixel-space ``WanTransformer3DModel`` (~0.7 M parameters).
+    """Untrained ``digits-video``: a tiny pixel-space ``WanTransformer3DModel`` (~1.2 M parameters).
 
-    Frames are 16x16 RGB (an 8 px digit moving on them); :class:`PixelSpaceVideoVAE` stacks 4 frames
-    per latent frame (29 frames -> 8 latent frames) and 2x2 patches give 64 tokens per latent frame, so
-    a training step at batch 16 stays near a second on one CPU thread. A token carries 3 x 4 x 2 x 2 =
-    48 values and the width is 96: the width must exceed what a token carries, or the model cannot pass
-    the noise through to its velocity output (4x4 patches on 32 px frames, 192 values into width 96,
-    trained to a loss floor of 0.6 and sampled noise). ``num_layers``, ``heads`` (of dim 16) and
-    ``patch`` scale it.
+    Frames are 32x32 (a 16 px digit, 2x the scikit-learn 8x8, moving on them); a grey
+    :class:`PixelSpaceVideoVAE` stacks 4 frames per latent frame (29 frames -> 8 latent frames of 4
+    channels) and 4x4 patches give 64 tokens per latent frame, so a token carries 4 x 4 x 4 = 64 values
+    into width 128 (the width must exceed what a token carries, or the model cannot pass the noise
+    through to its velocity output). A batch-16 training step takes about a second on one CPU thread.
+    ``num_layers``, ``heads`` (of dim 16), ``patch``, ``flow_shift`` (UniPC's, and the training
+    timesteps') and ``grey`` (RGB latents: 3x the values) scale it.
     """
     from ..zoo import _t5_config, _t5_tokenizer
 
     tok = _t5_tokenizer(model_max_length=TEXT_LENGTH)
     _seed(seed, 2)
     text_encoder = UMT5EncoderModel(_t5_config(tok, d_model=32, cls=UMT5Config)).eval().requires_grad_(False)
-    vae = PixelSpaceVideoVAE()
+    vae = PixelSpaceVideoVAE(z_dim=4, latent_channels=1) if grey else PixelSpaceVideoVAE()
     _seed(seed, 0)
     transformer = WanTransformer3DModel(
         patch_size=(1, patch, patch),
@@ -306,7 +322,7 @@ def build_digits_video(
         rope_max_seq_len=1024,
     )
     # Wan's own sampler: UniPC on flow sigmas with a shift of 3
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift)
     return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
 
 
@@ -412,14 +428,14 @@ MODELS: dict[str, TestbedModel] = {
         ),
         TestbedModel(
             name="digits-video",
-            description="class-conditional tiny pixel-space WanTransformer3DModel on 16x16 moving-digit clips, 29 frames",
+            description="class-conditional tiny pixel-space WanTransformer3DModel on 32x32 moving-digit clips, 29 frames",
             pipeline_class="WanPipeline",
             denoiser=("transformer", "WanTransformer3DModel"),
             build=build_digits_video,
             call_kwargs={
                 **_IMAGE_CALL,
-                "height": 16,
-                "width": 16,
+                "height": 32,
+                "width": 32,
                 "num_frames": 29,  # 8 latent frames
                 "guidance_scale": 3.0,
                 "negative_prompt": "",

@@ -57,7 +57,7 @@ _FLOW = {"max_sequence_length": models.TEXT_LENGTH, "timestep_sampling": "logit_
 RECIPES: dict[str, dict[str, Any]] = {
     "digits-unet": {**_COMMON, "max_steps": 2000},
     "digits-dit": {**_COMMON, **_FLOW, "max_steps": 3000},
-    "digits-video": {**_COMMON, **_FLOW, "max_steps": 1500, "batch_size": 16, "ema_decay": 0.998,
+    "digits-video": {**_COMMON, **_FLOW, "max_steps": 1000, "batch_size": 16, "ema_decay": 0.998,
                      "eval_samples": 16, "num_frames": 29},
     # recipe "lamamba" (full training of the LaMambaDiffModel): 3500 steps fit the budget (about
     # 0.35 s per batch-32 step on one thread; see models.LAMAMBA_MODEL)
