@@ -133,12 +133,15 @@ def test_gather_inference_path_matches_reference(name, n, m, bs, make):
     ],
     ids=["band", "full", "causal", "mixed"],
 )
-def test_contiguous_run_views_on_non_contiguous_inputs(bitmap):
+@pytest.mark.parametrize("short", [0, 7], ids=["whole_blocks", "padded_tail"])
+def test_contiguous_run_views_on_non_contiguous_inputs(bitmap, short):
+    """Runs read keys in place; one that ends in a padded tail block stops its view at kv_len."""
     qb, kb = bitmap.shape
-    q, k, v = _qkv(2, 3, qb * 32, kb * 32, 16)
+    n, m = qb * 32 - short, kb * 32 - short
+    q, k, v = _qkv(2, 3, n, m, 16)
     # processors hand the engine (batch, tokens, heads, dim) tensors transposed: not contiguous
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
-    bm = BlockMask(bitmap, qb * 32, kb * 32, 32)
+    bm = BlockMask(bitmap, n, m, 32)
     with torch.no_grad():
         out = block_sparse_attention(q, k, v, bm, backend="gather")
     assert (out - _dense_masked(q, k, v, bm.to_dense(2, 3))).abs().max() <= 1e-5

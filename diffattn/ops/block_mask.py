@@ -123,9 +123,14 @@ class BlockMask:
             self._cache["effective"] = eff
         return self._cache["effective"]
 
-    def full_bitmap(self) -> torch.Tensor:
-        """Kept blocks where every (query, key) pair is visible, so no token-level check is needed."""
-        if "full" not in self._cache:
+    def full_bitmap(self, padded_tail: bool = True) -> torch.Tensor:
+        """Kept blocks where every (query, key) pair is visible, so no token-level check is needed.
+
+        ``padded_tail=False``: the zero padding past ``kv_len`` in the tail key block does not count
+        (for a reader whose key view stops at ``kv_len``).
+        """
+        key = "full" if padded_tail else "full_unpadded"
+        if key not in self._cache:
             bs = self.block_size
             full = self.bitmap.clone()
             if self.token_rule is not None:
@@ -133,15 +138,15 @@ class BlockMask:
             dense_rows = self._range_full_blocks(self.dense_q, self.q_blocks, self.q_len)
             dense_cols = self._range_full_blocks(self.dense_kv, self.k_blocks, self.kv_len)
             full = full | dense_rows[:, None] | dense_cols[None, :]
-            if self.kv_len % bs:
+            if padded_tail and self.kv_len % bs:
                 full[..., -1] = False  # the tail key block holds padding past kv_len
             if self.key_padding is not None:
                 kp = self.key_padding
                 pad = (-self.kv_len) % bs
                 kp_blocks = torch.nn.functional.pad(kp, (0, pad), value=False).view(kp.shape[0], -1, bs).all(-1)
                 full = full & kp_blocks[:, None, None, :]
-            self._cache["full"] = full
-        return self._cache["full"]
+            self._cache[key] = full
+        return self._cache[key]
 
     def density(self) -> float:
         """Fraction of (query block, key block) pairs the engine computes, averaged over batch/heads."""

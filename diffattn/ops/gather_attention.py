@@ -6,7 +6,8 @@ through the fused ``scaled_dot_product_attention`` kernel, so the score matrix i
 Work and memory scale with the number of kept blocks, never with ``q_len x kv_len``.
 
 - Rows whose kept blocks form one contiguous run (bands, local windows) read their keys in place
-  through strided views; rows with identical runs share one long query.
+  through strided views; rows with identical runs share one long query; a run that ends in the
+  zero-padded tail block stops its view at ``kv_len`` instead of needing a token mask.
 - Other rows are grouped by how many blocks they keep (no row is ever padded), their key/value blocks
   gathered with ``index_select`` (into a reused workspace without autograd), and token-level checks
   applied only to rows that need them.
@@ -52,7 +53,7 @@ def contiguous_run_fraction(bm: BlockMask) -> float:
     """Fraction of the kept blocks that sit in rows read in place (one contiguous run, no token check)."""
     if "run_fraction" not in bm._cache:
         eff = bm.effective_bitmap()
-        full = bm.full_bitmap()
+        full = bm.full_bitmap(padded_tail=False)  # runs stop their key view at kv_len
         shape = torch.broadcast_shapes(eff.shape, full.shape)
         eff = eff.expand(shape).reshape(-1, shape[-1])
         full = full.expand(shape).reshape(-1, shape[-1]) & eff
@@ -63,65 +64,85 @@ def contiguous_run_fraction(bm: BlockMask) -> float:
     return bm._cache["run_fraction"]
 
 
+class _Run(NamedTuple):
+    """Rows read through one strided view: run starts ``start + i * step`` (in blocks of the flat key
+    storage), ``m`` blocks each, the last ``cut`` tokens left out (the tail block's padding)."""
+
+    rows: torch.Tensor
+    start: int
+    step: int
+    m: int
+    cut: int
+
+
 def _run_groups(
-    eff: torch.Tensor, counts: torch.Tensor, partial: torch.Tensor, qb_n: int, kb_n: int, n_kblocks: int
-) -> tuple[list[tuple[torch.Tensor, int, int, int]], torch.Tensor]:
+    eff: torch.Tensor, counts: torch.Tensor, partial: torch.Tensor, qb_n: int, kb_n: int, n_kblocks: int,
+    tail_pad: int,
+) -> tuple[list[_Run], torch.Tensor]:
     """Rows whose kept blocks form one contiguous run, grouped so each group is one strided view.
 
     Local windows and bands are made of such rows. Rows with the same run length whose run starts form
     an arithmetic progression are one strided view of the key/value storage, so a single fused SDPA
     call covers them with no copy (copying the gathered blocks costs about as much as the attention on
-    CPU). Returns ``(rows, first run start, step between starts, run length)`` per group (starts in
-    blocks of the flat key storage) and the mask of rows covered.
+    CPU). ``partial`` must ignore the tail block's padding (``full_bitmap(padded_tail=False)``): a run
+    that ends in the tail block stops its view at ``kv_len`` (``tail_pad`` tokens early) instead of
+    needing a token mask. Returns the groups and the mask of rows covered.
     """
     run, first = _run_rows(eff, counts, partial)
     handled = torch.zeros_like(run)
-    groups: list[tuple[torch.Tensor, int, int, int]] = []
+    groups: list[_Run] = []
     if not bool(run.any()):
         return groups, handled
     rows = torch.nonzero(run).flatten()
     offset = (rows // qb_n) * kb_n + first[rows]
     m_of = counts[rows]
-    order = torch.argsort(m_of * (n_kblocks + 1) + offset, stable=True)
+    at_tail = (first[rows] + m_of == kb_n).long()
+    order = torch.argsort((m_of * 2 + at_tail) * (n_kblocks + 1) + offset, stable=True)
     rows_l, offset_l, m_l = rows[order].tolist(), offset[order].tolist(), m_of[order].tolist()
+    tail_l = at_tail[order].tolist()
     i = 0
     while i < len(rows_l):
-        # the longest arithmetic progression of run starts with one run length
+        # the longest arithmetic progression of run starts with one run length (and tail or not)
         j, step = i + 1, 0
-        if j < len(rows_l) and m_l[j] == m_l[i]:
+
+        def same(a: int, b: int) -> bool:
+            return m_l[a] == m_l[b] and tail_l[a] == tail_l[b]
+
+        if j < len(rows_l) and same(j, i):
             step = offset_l[j] - offset_l[i]
-            while j < len(rows_l) and m_l[j] == m_l[i] and offset_l[j] - offset_l[j - 1] == step:
+            while j < len(rows_l) and same(j, i) and offset_l[j] - offset_l[j - 1] == step:
                 j += 1
-        groups.append((torch.tensor(rows_l[i:j], device=eff.device), offset_l[i], step, m_l[i]))
+        rows_t = torch.tensor(rows_l[i:j], device=eff.device)
+        groups.append(_Run(rows_t, offset_l[i], step, m_l[i], tail_pad if tail_l[i] else 0))
         i = j
     handled[rows] = True
     return groups, handled
 
 
 def _run_views(
-    qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, group: tuple[torch.Tensor, int, int, int]
+    qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, run: _Run
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q, k, v)`` of one run group as SDPA inputs; keys and values are views, never copies."""
-    rows, start, step, m = group
-    n, bs, dim = len(rows), kf.shape[1], kf.shape[2]
-    if step == 0:
+    n, bs, dim = len(run.rows), kf.shape[1], kf.shape[2]
+    length = run.m * bs - run.cut
+    if run.step == 0:
         # identical key sets: one long query run against one contiguous key slice (a stride-0 batch
         # view would make the kernel expand the keys)
-        tok = start * bs
-        kc = kf.view(-1, dim)[tok : tok + m * bs][None, None]
-        vc = vf.view(-1, dim)[tok : tok + m * bs][None, None]
-        return qf.index_select(0, rows).view(1, 1, n * bs, dim), kc, vc
-    size, stride = (n, 1, m * bs, dim), (step * bs * dim, 0, dim, 1)
-    kc = kf.as_strided(size, stride, kf.storage_offset() + start * bs * dim)
-    vc = vf.as_strided(size, stride, vf.storage_offset() + start * bs * dim)
-    return qf.index_select(0, rows)[:, None], kc, vc
+        tok = run.start * bs
+        kc = kf.view(-1, dim)[tok : tok + length][None, None]
+        vc = vf.view(-1, dim)[tok : tok + length][None, None]
+        return qf.index_select(0, run.rows).view(1, 1, n * bs, dim), kc, vc
+    size, stride = (n, 1, length, dim), (run.step * bs * dim, 0, dim, 1)
+    kc = kf.as_strided(size, stride, kf.storage_offset() + run.start * bs * dim)
+    vc = vf.as_strided(size, stride, vf.storage_offset() + run.start * bs * dim)
+    return qf.index_select(0, run.rows)[:, None], kc, vc
 
 
-def _run_flat(group: tuple[torch.Tensor, int, int, int]) -> torch.Tensor:
-    """The key blocks a run group reads, as flat block indices (row-major, ``len(rows) * m``)."""
-    rows, start, step, m = group
-    starts = start + step * torch.arange(len(rows), device=rows.device)
-    return (starts[:, None] + torch.arange(m, device=rows.device)).reshape(-1)
+def _run_flat(run: _Run) -> torch.Tensor:
+    """The key blocks a run group reads, as flat block indices (row-major; one row's if ``step`` is 0)."""
+    n = len(run.rows) if run.step else 1
+    starts = run.start + run.step * torch.arange(n, device=run.rows.device)
+    return (starts[:, None] + torch.arange(run.m, device=run.rows.device)).reshape(-1)
 
 
 class _Chunk(NamedTuple):
@@ -185,13 +206,19 @@ def _gather_chunks(
 
 
 def _row_plan(bm: BlockMask, batch: int, heads: int) -> tuple[torch.Tensor, ...]:
-    """Per (batch, head, query block) row: kept blocks, blocks needing no token check, counts, partial."""
+    """Per (batch, head, query block) row: kept blocks, blocks needing no token check, counts, whether
+    a token check is needed, and whether it is needed once the tail block's padding is cut off."""
     qb_n, kb_n = bm.q_blocks, bm.k_blocks
-    eff = bm.effective_bitmap().expand(batch, heads, qb_n, kb_n).reshape(-1, kb_n)
-    full = (bm.full_bitmap().expand(batch, heads, qb_n, kb_n).reshape(-1, kb_n)) & eff
+
+    def rows(bitmap: torch.Tensor) -> torch.Tensor:
+        return bitmap.expand(batch, heads, qb_n, kb_n).reshape(-1, kb_n)
+
+    eff = rows(bm.effective_bitmap())
+    full = rows(bm.full_bitmap()) & eff
     counts = eff.sum(-1)
     partial = (eff & ~full).any(-1)
-    return eff, full, counts, partial
+    partial_unpadded = (eff & ~rows(bm.full_bitmap(padded_tail=False))).any(-1)
+    return eff, full, counts, partial, partial_unpadded
 
 
 # --- CPU training path ------------------------------------------------------------------------------
@@ -221,17 +248,19 @@ class _GatherAttentionCPU(torch.autograd.Function):
     def forward(ctx, q, k, v, bm: BlockMask, scale: float | None):  # noqa: ANN001, ANN205
         batch, heads, q_len, dim = q.shape
         bs = bm.block_size
-        eff, full, counts, partial = _row_plan(bm, batch, heads)
+        eff, full, counts, partial, partial_unpadded = _row_plan(bm, batch, heads)
         qf, kf, vf = _pad_rows(q, bs).contiguous(), _pad_rows(k, bs).contiguous(), _pad_rows(v, bs).contiguous()
-        runs, handled = _run_groups(eff, counts, partial, bm.q_blocks, bm.k_blocks, kf.shape[0])
+        runs, handled = _run_groups(
+            eff, counts, partial_unpadded, bm.q_blocks, bm.k_blocks, kf.shape[0], (-k.shape[2]) % bs
+        )
         chunks = _gather_chunks(bm, eff, full, counts, partial, handled, heads, dim, k.element_size())
         out = torch.zeros_like(qf)
         lse = torch.zeros(qf.shape[:2], dtype=torch.float32, device=q.device)
-        for group in runs:
-            qc, kc, vc = _run_views(qf, kf, vf, group)
+        for run in runs:
+            qc, kc, vc = _run_views(qf, kf, vf, run)
             o, lse_c = _flash_cpu(qc, kc, vc, 0.0, False, scale=scale)
-            out[group[0]] = o.reshape(len(group[0]), bs, dim)
-            lse[group[0]] = lse_c.reshape(len(group[0]), bs).float()
+            out[run.rows] = o.reshape(len(run.rows), bs, dim)
+            lse[run.rows] = lse_c.reshape(len(run.rows), bs).float()
         for c in chunks:
             kc = kf.index_select(0, c.flat).view(len(c.rows), 1, c.m * bs, dim)
             vc = vf.index_select(0, c.flat).view(len(c.rows), 1, c.m * bs, dim)
@@ -253,18 +282,16 @@ class _GatherAttentionCPU(torch.autograd.Function):
         bs = kf.shape[1]
         gf = _pad_rows(grad_out.contiguous(), bs).to(qf.dtype)
         dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
-        for group in runs:
-            rows, n = group[0], len(group[0])
-            qc, kc, vc = _run_views(qf, kf, vf, group)
+        for run in runs:
+            qc, kc, vc = _run_views(qf, kf, vf, run)
             shape = qc.shape
-            g, o = gf[rows].view(shape), out[rows].view(shape)
-            lse_c = lse[rows].view(shape[:-1])
+            g, o = gf[run.rows].view(shape), out[run.rows].view(shape)
+            lse_c = lse[run.rows].view(shape[:-1])
             dqc, dkc, dvc = _flash_cpu_backward(g, qc, kc, vc, o, lse_c, 0.0, False, scale=scale)
-            dq[rows] = dqc.reshape(n, bs, dim)
-            flat = _run_flat(group)
-            # step 0: one key slice shared by every row of the group (dkc holds it once)
-            if group[2] == 0:
-                flat = flat[: group[3]]
+            dq[run.rows] = dqc.reshape(len(run.rows), bs, dim)
+            if run.cut:  # the view stopped at kv_len: the padding tokens get no gradient
+                dkc, dvc = F.pad(dkc, (0, 0, 0, run.cut)), F.pad(dvc, (0, 0, 0, run.cut))
+            flat = _run_flat(run)  # step 0: one key slice shared by every row (dkc holds it once)
             dk.index_add_(0, flat, dkc.reshape(-1, bs, dim))
             dv.index_add_(0, flat, dvc.reshape(-1, bs, dim))
         for c in chunks:
@@ -301,7 +328,7 @@ def gather_attention(
     bm = block_mask
     batch, heads, q_len, dim = q.shape
     bs = bm.block_size
-    eff, full, counts, partial = _row_plan(bm, batch, heads)
+    eff, full, counts, partial, partial_unpadded = _row_plan(bm, batch, heads)
     qf, kf, vf = _pad_rows(q, bs), _pad_rows(k, bs), _pad_rows(v, bs)
     outs, rows_done = [], []
     grad = _needs_grad(q, k, v)
@@ -309,11 +336,13 @@ def gather_attention(
     if not grad:
         # forward only: the overlapping strided views would make autograd accumulate through as_strided
         kf, vf = kf.contiguous(), vf.contiguous()
-        runs, handled = _run_groups(eff, counts, partial, bm.q_blocks, bm.k_blocks, kf.shape[0])
-        for group in runs:
-            qc, kc, vc = _run_views(qf, kf, vf, group)
-            outs.append(F.scaled_dot_product_attention(qc, kc, vc, scale=scale).reshape(len(group[0]), bs, dim))
-            rows_done.append(group[0])
+        runs, handled = _run_groups(
+            eff, counts, partial_unpadded, bm.q_blocks, bm.k_blocks, kf.shape[0], (-k.shape[2]) % bs
+        )
+        for run in runs:
+            qc, kc, vc = _run_views(qf, kf, vf, run)
+            outs.append(F.scaled_dot_product_attention(qc, kc, vc, scale=scale).reshape(len(run.rows), bs, dim))
+            rows_done.append(run.rows)
     chunks = _gather_chunks(bm, eff, full, counts, partial, handled, heads, dim, k.element_size())
 
     # Without autograd the gathered blocks are scratch: one buffer reused by every chunk. Freshly
