@@ -52,13 +52,9 @@ def _run_rows(eff: torch.Tensor, counts: torch.Tensor, partial: torch.Tensor) ->
 def contiguous_run_fraction(bm: BlockMask) -> float:
     """Fraction of the kept blocks that sit in rows read in place (one contiguous run, no token check)."""
     if "run_fraction" not in bm._cache:
-        eff = bm.effective_bitmap()
-        full = bm.full_bitmap(padded_tail=False)  # runs stop their key view at kv_len
-        shape = torch.broadcast_shapes(eff.shape, full.shape)
-        eff = eff.expand(shape).reshape(-1, shape[-1])
-        full = full.expand(shape).reshape(-1, shape[-1]) & eff
-        counts = eff.sum(-1)
-        run, _ = _run_rows(eff, counts, (eff & ~full).any(-1))
+        shape = torch.broadcast_shapes(bm.effective_bitmap().shape, bm.full_bitmap().shape)
+        eff, _, counts, _, partial_unpadded = _row_plan(bm, shape[0], shape[1])
+        run, _ = _run_rows(eff, counts, partial_unpadded)  # runs stop their key view at kv_len
         total = int(counts.sum())
         bm._cache["run_fraction"] = float(counts[run].sum()) / total if total else 0.0
     return bm._cache["run_fraction"]
@@ -153,6 +149,20 @@ class _Chunk(NamedTuple):
     m: int
     mask: torch.Tensor | None  # (rows, 1, bs, m * bs) token visibility, only where a block is partial
     empty: torch.Tensor | None  # (rows, 1, bs, 1) queries that see no key at all
+
+
+def _gather_kv(
+    kf: torch.Tensor, vf: torch.Tensor, c: _Chunk, workspace: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's kept key and value blocks as ``(rows, 1, m * bs, dim)``, into ``workspace`` if it fits."""
+    n, bs, dim = c.flat.numel(), kf.shape[1], kf.shape[2]
+    if workspace is not None and n <= workspace.shape[1]:
+        kc = torch.index_select(kf, 0, c.flat, out=workspace[0, :n])
+        vc = torch.index_select(vf, 0, c.flat, out=workspace[1, :n])
+    else:
+        kc, vc = kf.index_select(0, c.flat), vf.index_select(0, c.flat)
+    shape = (len(c.rows), 1, c.m * bs, dim)
+    return kc.view(shape), vc.view(shape)
 
 
 def _gather_chunks(
@@ -262,8 +272,7 @@ class _GatherAttentionCPU(torch.autograd.Function):
             out[run.rows] = o.reshape(len(run.rows), bs, dim)
             lse[run.rows] = lse_c.reshape(len(run.rows), bs).float()
         for c in chunks:
-            kc = kf.index_select(0, c.flat).view(len(c.rows), 1, c.m * bs, dim)
-            vc = vf.index_select(0, c.flat).view(len(c.rows), 1, c.m * bs, dim)
+            kc, vc = _gather_kv(kf, vf, c)
             o, lse_c = _flash_cpu(qf.index_select(0, c.rows)[:, None], kc, vc, 0.0, False,
                                   attn_mask=_additive(c.mask, q.dtype), scale=scale)
             if c.empty is not None:
@@ -295,9 +304,7 @@ class _GatherAttentionCPU(torch.autograd.Function):
             dk.index_add_(0, flat, dkc.reshape(-1, bs, dim))
             dv.index_add_(0, flat, dvc.reshape(-1, bs, dim))
         for c in chunks:
-            n = len(c.rows)
-            kc = kf.index_select(0, c.flat).view(n, 1, c.m * bs, dim)
-            vc = vf.index_select(0, c.flat).view(n, 1, c.m * bs, dim)
+            kc, vc = _gather_kv(kf, vf, c)
             g = gf.index_select(0, c.rows)[:, None]
             if c.empty is not None:
                 g = g.masked_fill(c.empty, 0.0)  # zeroed outputs pass no gradient
@@ -355,14 +362,7 @@ def gather_attention(
         total_blocks = sum(c.flat.numel() for c in chunks)
         workspace = k.new_empty(2, min(max_blocks, total_blocks), bs, dim)
     for c in chunks:
-        n = c.flat.numel()
-        if workspace is not None and n <= workspace.shape[1]:
-            kc = torch.index_select(kf, 0, c.flat, out=workspace[0, :n])
-            vc = torch.index_select(vf, 0, c.flat, out=workspace[1, :n])
-        else:
-            kc, vc = kf.index_select(0, c.flat), vf.index_select(0, c.flat)
-        kc = kc.view(len(c.rows), 1, c.m * bs, dim)
-        vc = vc.view(len(c.rows), 1, c.m * bs, dim)
+        kc, vc = _gather_kv(kf, vf, c, workspace)
         o = F.scaled_dot_product_attention(qf.index_select(0, c.rows)[:, None], kc, vc, attn_mask=c.mask, scale=scale)
         if c.empty is not None:
             o = o.masked_fill(c.empty.expand_as(o), 0.0)
