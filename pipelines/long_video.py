@@ -4,7 +4,9 @@ A video 4x longer than a model was trained for (radial attention + the ``long-vi
 longer to decode. The diffusers video VAEs differ in what bounds their memory:
 
 - ``AutoencoderKLWan`` decodes one latent frame at a time with a causal cache (length costs nothing);
-  spatial tiling bounds the activations of a frame.
+  spatial tiling bounds the activations of a frame, but keeps every tile's whole clip until the tiles
+  are blended, so on small frames it can hold more than the stock decode
+  (``scripts/bench_video_decode.py``).
 - ``AutoencoderKLHunyuanVideo`` decodes in overlapping temporal tiles (``tile_sample_min_num_frames``,
   on by default) and spatial tiles once tiling is on.
 - ``AutoencoderKLMochi`` decodes every frame at once; spatial tiling bounds each frame. Its frame-wise
