@@ -117,6 +117,17 @@ def long_video_decoding(
             f"tile_size: {type(vae).__name__}'s tiling derives its tile overlap from fixed factors and decodes "
             "other tile sizes to the wrong shape; leave tile_size None (its default tiles)"
         )
+    # the VAEs step through the latent by stride // compression; a zero step fails deep inside diffusers
+    for name, value, ratio in (
+        ("tile_size", tile_size, getattr(vae, "spatial_compression_ratio", 1)),
+        ("tile_frames", tile_frames, getattr(vae, "temporal_compression_ratio", 1)),
+    ):
+        if value is not None and int(value * _STRIDE_RATIO) < ratio:
+            least = -(-ratio // _STRIDE_RATIO)
+            raise ValueError(
+                f"{name} must be >= {int(least)} for {type(vae).__name__} (its tiles step by 3/4 of the size "
+                f"in latent units of {ratio}), got {value}"
+            )
     if not callable(tiling) and not hasattr(vae, "use_slicing"):
         warnings.warn(
             f"{type(vae).__name__} has no tiling or slicing; long_video_decoding leaves it unchanged",
@@ -131,13 +142,12 @@ def long_video_decoding(
         if callable(tiling):
             kw: dict[str, Any] = {}
             if tile_size is not None:
+                stride = int(tile_size * _STRIDE_RATIO)
                 kw.update(tile_sample_min_height=tile_size, tile_sample_min_width=tile_size)
-                stride = max(1, int(tile_size * _STRIDE_RATIO))
-                if "tile_sample_stride_height" in params:
-                    kw.update(tile_sample_stride_height=stride, tile_sample_stride_width=stride)
+                kw.update(tile_sample_stride_height=stride, tile_sample_stride_width=stride)
             if tile_frames is not None:
                 kw["tile_sample_min_num_frames"] = tile_frames
-                kw["tile_sample_stride_num_frames"] = max(1, int(tile_frames * _STRIDE_RATIO))
+                kw["tile_sample_stride_num_frames"] = int(tile_frames * _STRIDE_RATIO)
             tiling(**kw)
         if slicing and hasattr(vae, "use_slicing"):
             vae.use_slicing = True

@@ -67,6 +67,10 @@ def test_bad_input() -> None:
         long_video_decoding(pipe, tile_size=0)
     with pytest.raises(ValueError, match="tile_frames must be a positive int"):
         long_video_decoding(pipe, tile_frames=2.5)
+    with pytest.raises(ValueError, match="tile_size must be >= 11 for AutoencoderKLWan"):
+        long_video_decoding(pipe, tile_size=8)  # 6 px stride: less than one latent pixel
+    with pytest.raises(ValueError, match="tile_frames must be >= 6 for AutoencoderKLHunyuanVideo"):
+        long_video_decoding(zoo.load("hunyuan-video"), tile_frames=4)
     with pytest.raises(ValueError, match="tile_frames: AutoencoderKLWan does not tile time"):
         long_video_decoding(pipe, tile_frames=8)
     with pytest.raises(ValueError, match="tile_size: AutoencoderKLCogVideoX"):
