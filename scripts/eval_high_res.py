@@ -12,7 +12,8 @@ bridge (recipe ``high-res``) for ``--train-steps`` on the testbed digits at the 
   harmonics also hit the content's own pixel grid (a 32 px LR digit is 4 px blocks, 16 px at 4x), so
   the same figure is taken of stage 2's starting image (the LR image upsampled as the pipeline does,
   no attention at all), and the summary gives the paired local - dense difference with its standard
-  error: local attention adds a window grid only if it scores above dense attention on the same tokens.
+  error: local attention adds a window grid only if it scores above dense attention on the same tokens;
+- centre seam: the jump across the centre column's token border over the median token-border jump.
 
 Writes ``OUT.json`` and ``OUT.png`` (LR | HR local | HR dense per sample).
 
@@ -61,6 +62,17 @@ def spectrum_metrics(image: np.ndarray, lr_side: int, period_px: int) -> dict[st
             if len(around):
                 ratios.append(float(axis_power[f] / around.median().clamp_min(1e-12)))
     return {"high_freq_energy": hf, "grid_peak_ratio": max(ratios) if ratios else float("nan")}
+
+
+def seam_ratio(image: np.ndarray, unit: int) -> float:
+    """The jump across the centre column's token border over the median jump across token borders.
+
+    Jump: mean absolute horizontal difference between the two pixel columns that meet at a border of
+    ``unit``-px tokens (about 1: the centre is like any other token border).
+    """
+    jumps = np.abs(np.diff(image.mean(-1), axis=1)).mean(0)  # jumps[k]: between columns k and k + 1
+    borders = jumps[unit - 1 :: unit]
+    return float(jumps[image.shape[1] // 2 - 1] / np.median(borders))
 
 
 def structure_psnr(hr: np.ndarray, lr: np.ndarray) -> float:
@@ -128,6 +140,7 @@ def main() -> None:
             row[f"{name}_structure_psnr"] = structure_psnr(out, lr_img)
             for k, v in spectrum_metrics(out, args.base, period_px).items():
                 row[f"{name}_{k}"] = v
+            row[f"{name}_centre_seam_ratio"] = seam_ratio(out, unit)
         start = upsample_image(torch.from_numpy(lr_img).permute(2, 0, 1)[None].float(), side, side)
         row["lr_upsampled_grid_peak_ratio"] = spectrum_metrics(start[0].permute(1, 2, 0).numpy(), args.base, period_px)[
             "grid_peak_ratio"
