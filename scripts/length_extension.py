@@ -45,7 +45,8 @@ from diffattn.testbed.data import (
 from diffattn.testbed.metrics import moving_digit_metrics
 
 DIGIT = MOVING_DIGIT  # digit side in the moving-digit clips
-TRAINED_FRAMES = 29  # digits-video's training length (8 latent frames)
+TRAINED_FRAMES = models.default_call_kwargs("digits-video")["num_frames"]  # its training length
+TRAINED_LATENT = (TRAINED_FRAMES - 1) // 4 + 1  # 4 video frames per latent frame after the first
 
 
 def video_metrics(videos: list[np.ndarray], labels: list[int], classifier: Any) -> dict[str, float]:
@@ -145,7 +146,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.model = args.model or str(models.weights_dir("digits-video"))
     args.radial = {"block_size": args.block_size, "decay_factor": args.decay_factor}
-    args.long_frames = 1 + (8 * args.factor - 1) * 4  # 4 video frames per latent frame after the first
+    args.long_frames = 1 + (TRAINED_LATENT * args.factor - 1) * 4
     classifier = load_classifier()
     rows: list[dict] = []
     strips: dict[str, np.ndarray] = {}

@@ -231,6 +231,24 @@ def _row_plan(bm: BlockMask, batch: int, heads: int) -> tuple[torch.Tensor, ...]
     return eff, full, counts, partial, partial_unpadded
 
 
+def _plan(
+    bm: BlockMask, batch: int, heads: int, kf: torch.Tensor, kv_len: int, itemsize: int, in_place: bool
+) -> tuple[list[_Run], list[_Chunk]]:
+    """The run groups read in place (none unless ``in_place``) and the gathered chunks of the other rows.
+
+    ``kf``: the keys padded to whole blocks, ``(rows, block_size, dim)``.
+    """
+    eff, full, counts, partial, partial_unpadded = _row_plan(bm, batch, heads)
+    runs: list[_Run] = []
+    handled = torch.zeros_like(counts, dtype=torch.bool)
+    if in_place:
+        runs, handled = _run_groups(
+            eff, counts, partial_unpadded, bm.q_blocks, bm.k_blocks, kf.shape[0], (-kv_len) % bm.block_size
+        )
+    chunks = _gather_chunks(bm, eff, full, counts, partial, handled, heads, kf.shape[2], itemsize)
+    return runs, chunks
+
+
 # --- CPU training path ------------------------------------------------------------------------------
 # The fused CPU flash-attention kernel and its backward, called directly: the forward returns the
 # log-sum-exp, so the backward recomputes each chunk's attention from (q, gathered k/v, out, lse) and
@@ -258,12 +276,8 @@ class _GatherAttentionCPU(torch.autograd.Function):
     def forward(ctx, q, k, v, bm: BlockMask, scale: float | None):  # noqa: ANN001, ANN205
         batch, heads, q_len, dim = q.shape
         bs = bm.block_size
-        eff, full, counts, partial, partial_unpadded = _row_plan(bm, batch, heads)
         qf, kf, vf = _pad_rows(q, bs).contiguous(), _pad_rows(k, bs).contiguous(), _pad_rows(v, bs).contiguous()
-        runs, handled = _run_groups(
-            eff, counts, partial_unpadded, bm.q_blocks, bm.k_blocks, kf.shape[0], (-k.shape[2]) % bs
-        )
-        chunks = _gather_chunks(bm, eff, full, counts, partial, handled, heads, dim, k.element_size())
+        runs, chunks = _plan(bm, batch, heads, kf, k.shape[2], k.element_size(), in_place=True)
         out = torch.zeros_like(qf)
         lse = torch.zeros(qf.shape[:2], dtype=torch.float32, device=q.device)
         for run in runs:
@@ -335,22 +349,18 @@ def gather_attention(
     bm = block_mask
     batch, heads, q_len, dim = q.shape
     bs = bm.block_size
-    eff, full, counts, partial, partial_unpadded = _row_plan(bm, batch, heads)
     qf, kf, vf = _pad_rows(q, bs), _pad_rows(k, bs), _pad_rows(v, bs)
     outs, rows_done = [], []
     grad = _needs_grad(q, k, v)
-    handled = torch.zeros_like(counts, dtype=torch.bool)
     if not grad:
-        # forward only: the overlapping strided views would make autograd accumulate through as_strided
-        kf, vf = kf.contiguous(), vf.contiguous()
-        runs, handled = _run_groups(
-            eff, counts, partial_unpadded, bm.q_blocks, bm.k_blocks, kf.shape[0], (-k.shape[2]) % bs
-        )
-        for run in runs:
-            qc, kc, vc = _run_views(qf, kf, vf, run)
-            outs.append(F.scaled_dot_product_attention(qc, kc, vc, scale=scale).reshape(len(run.rows), bs, dim))
-            rows_done.append(run.rows)
-    chunks = _gather_chunks(bm, eff, full, counts, partial, handled, heads, dim, k.element_size())
+        kf, vf = kf.contiguous(), vf.contiguous()  # the strided run views assume the dense layout
+    # forward only for in-place runs: the overlapping strided views would make autograd accumulate
+    # through as_strided
+    runs, chunks = _plan(bm, batch, heads, kf, k.shape[2], k.element_size(), in_place=not grad)
+    for run in runs:
+        qc, kc, vc = _run_views(qf, kf, vf, run)
+        outs.append(F.scaled_dot_product_attention(qc, kc, vc, scale=scale).reshape(len(run.rows), bs, dim))
+        rows_done.append(run.rows)
 
     # Without autograd the gathered blocks are scratch: one buffer reused by every chunk. Freshly
     # allocated large tensors are paid for in page faults on first touch, which on CPU cost as much as

@@ -176,7 +176,8 @@ class DigitsDataset(Dataset):
 # The moving-digit clips (digits-video's frames): the 8x8 scikit-learn digits drawn at 2x, so a digit
 # pixel is 2x2 frame pixels. At their native 8 px on a 16 px canvas a tiny video transformer's leftover
 # per-pixel noise looks like ink, and sampling sharpened it into speckle (chance-level accuracy after
-# 1500 steps); at 2x the same budget gives compact moving digits.
+# 1500 steps); at 2x the same budget gives compact moving blobs, though still not readable digits
+# (the README's testbed section lists what was tried).
 MOVING_CANVAS = 32  # side of the clips
 MOVING_DIGIT = 16  # the digit's side in them
 MOVING_SPEED = 2  # fastest motion, pixels per frame on each axis (one digit pixel)
