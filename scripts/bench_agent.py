@@ -1,7 +1,7 @@
 """Agent attention (AgentSD) vs dense vs ToMe for SD on the real SD 1.5 UNet config, side by side.
 
-Random weights (speed does not depend on them), batch 2 (classifier-free guidance), fp32. For each
-image size it times
+Random weights (speed does not depend on them), batch 2 (classifier-free guidance), fp32 on CPU by
+default (``--device cuda --dtype fp16`` times the same on a GPU). For each image size it times
 
 * the UNet forward: dense (stock ``AttnProcessor2_0``); AgentSD in each phase of the default schedule
   (phase 1: agents + ToMe, ``sx = sy = 4``; phase 2: ToMe alone, ``sx = sy = 2``, ratio 0.4) and the
@@ -35,7 +35,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from tqdm import tqdm
 
 import diffattn
-from diffattn.benchmark import environment, save_figure, write_json
+from diffattn.benchmark import environment, save_figure, sync, write_json
 from diffattn.processors.agent import DEFAULT_SCHEDULE, AgentAttnProcessor
 
 RATIO = 0.4  # ToMe ratio of both phases of the default AgentSD schedule; tomesd runs at the same ratio
@@ -66,9 +66,9 @@ def tomesd_status(unet: UNet2DConditionModel) -> tuple[Any | None, str]:
         import tomesd
     except ImportError:
         return None, "tomesd is not installed (pip install tomesd); ours-ToMe stands in for it"
-    x = torch.randn(2, 4, 16, 16)
-    t = torch.tensor([500.0, 500.0])
-    ctx = torch.randn(2, 7, unet.config.cross_attention_dim)
+    x = torch.randn(2, 4, 16, 16).to(unet.device, unet.dtype)
+    t = torch.tensor([500.0, 500.0], device=unet.device)
+    ctx = torch.randn(2, 7, unet.config.cross_attention_dim).to(unet.device, unet.dtype)
     try:
         with torch.no_grad():
             base = unet(x, t, ctx).sample
@@ -115,16 +115,21 @@ def unet_variants(unet: UNet2DConditionModel, tomesd: Any | None) -> dict[str, C
     return variants
 
 
+DEVICE, DTYPE = torch.device("cpu"), torch.float32  # set by --device / --dtype
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, desc: str = "") -> dict[str, float]:
-    """Median seconds per call of each function, timed one call of each per round."""
+    """Median seconds per call of each function, timed one call of each per round (GPU work synchronised)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     for _ in tqdm(range(rounds), desc=desc, leave=False):
         for name, fn in fns.items():
+            sync(DEVICE)
             t0 = time.perf_counter()
             fn()
+            sync(DEVICE)
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -137,9 +142,9 @@ def with_schedule(t: dict[str, float]) -> dict[str, float]:
 def bench_unet(unet: UNet2DConditionModel, size: int, tomesd: Any | None, rounds: int) -> dict[str, float]:
     lat = size // 8
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, lat, lat, generator=g)
-    t = torch.tensor([500.0, 500.0])
-    ctx = torch.randn(2, 77, 768, generator=g)
+    x = torch.randn(2, 4, lat, lat, generator=g).to(DEVICE, DTYPE)
+    t = torch.tensor([500.0, 500.0], device=DEVICE)
+    ctx = torch.randn(2, 77, 768, generator=g).to(DEVICE, DTYPE)
     fns = {}
     for name, make in unet_variants(unet, tomesd).items():
 
@@ -154,7 +159,7 @@ def bench_unet(unet: UNet2DConditionModel, size: int, tomesd: Any | None, rounds
 def bench_layer(unet: UNet2DConditionModel, size: int, tomesd: Any | None, rounds: int) -> dict[str, float]:
     attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     lat = size // 8
-    x = torch.randn(2, lat * lat, attn.to_q.in_features, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, lat * lat, attn.to_q.in_features, generator=torch.Generator().manual_seed(0)).to(DEVICE, DTYPE)
     stock = AttnProcessor2_0()
     procs = {
         "dense": stock,
@@ -213,7 +218,8 @@ def plot(rows: list[dict[str, Any]], out: str) -> None:
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(range(len(sizes)), [f"{s} px" for s in sizes])
         ax.set_ylabel("speedup over dense (x)")
-        title = "UNet forward (SD 1.5, batch 2, fp32)" if kind == "unet" else "one level-1 self-attention layer"
+        where = f"{DEVICE.type} {str(DTYPE).removeprefix('torch.')}"
+        title = f"UNet forward (SD 1.5, batch 2, {where})" if kind == "unet" else f"one level-1 self-attention layer ({where})"
         ax.set_title(title)
         ax.legend(fontsize=8)
     save_figure(fig, f"{out}.png")
@@ -228,14 +234,22 @@ def main() -> None:
     p.add_argument("--skip-unet", action="store_true")
     p.add_argument("--skip-layer", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu (the issue's figures) or cuda")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--out", default="outputs/bench_agent")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)  # inference timing only
 
+    global DEVICE, DTYPE
+    DEVICE = torch.device(args.device)
+    DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU here")
     env = environment()
-    unet = sd15_unet()
+    env.update(device=str(DEVICE), dtype=args.dtype)
+    unet = sd15_unet().to(DEVICE, DTYPE)
     tomesd, status = tomesd_status(unet)
     print(f"device={env['device']} torch={env['torch']} threads={env['threads']}")
     print(f"ToMe for SD: {status}")

@@ -179,8 +179,12 @@ def test_agent_attention_matches_formula_with_biases_and_mask():
     agent_v = softmax_attention(a, k, v, 8**-0.5, kb + torch.where(keep, 0.0, float("-inf")))
     ref = softmax_attention(q, a, agent_v, 0.7, qb) + 0.1 * v
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-    half = agent_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), a.bfloat16())
-    assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
+    # low precision: bf16 inputs against the fp32 result, in bf16 (default) and with upcast=True
+    full = agent_attention(q, k, v, a)
+    for upcast in (False, True):
+        half = agent_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), a.bfloat16(), upcast=upcast)
+        assert half.dtype == torch.bfloat16
+        torch.testing.assert_close(half.float(), full, rtol=0, atol=3e-2)
 
 
 # ----- AgentSD processor --------------------------------------------------------------------------------

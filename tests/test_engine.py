@@ -255,3 +255,49 @@ def test_text_dense_ranges():
     assert text_dense_ranges(100, 0, "last") is None
     with pytest.raises(ValueError, match="text_position"):
         text_dense_ranges(100, 10, "middle")
+
+
+@pytest.mark.parametrize("bs,n,m", [(32, 300, 270), (20, 250, 333), (2, 12, 12), (192, 500, 420)])
+def test_flex_gpu_block_coarsening(bs, n, m):
+    """On GPU flex needs 128-token blocks: a finer mask is re-tiled (kept where any fine block is, full
+    where every fine block is) and the fine bitmap checked per token. Block sets against a brute-force
+    token expansion; the coarse flex mask (run eagerly on CPU) against the explicit reference."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from diffattn.ops import flex_backend
+
+    g = torch.Generator().manual_seed(bs)
+    qb, kb = -(-n // bs), -(-m // bs)
+    kp = torch.ones(2, m, dtype=torch.bool)
+    kp[1, -7:] = False
+    bm = BlockMask(torch.rand(2, qb, kb, generator=g) < 0.3, n, m, bs, dense_q=(0, 5), dense_kv=(m - 9, m), key_padding=kp)
+    assert flex_backend.flex_block_size(bm, "cpu") == bs
+    size = flex_backend.flex_block_size(bm, "cuda")
+    assert size == (bs if bs % 128 == 0 else 128)
+    if size == bs:
+        return
+    eff = bm.effective_bitmap().expand(2, 2, qb, kb)
+    full = (bm.full_bitmap() & bm.effective_bitmap()).expand(2, 2, qb, kb)
+    kept, cfull = flex_backend.coarsen(eff, full, bm, size)
+
+    def tokens(x, pad_value):  # fine blocks -> tokens, cropped, then padded to whole coarse tiles
+        t = x.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :n, :m]
+        rows, cols = -(-n // size) * size, -(-m // size) * size
+        return torch.nn.functional.pad(t, (0, cols - m, 0, rows - n), value=pad_value)
+
+    def tiles(t):
+        return t.unflatten(-2, (-1, size)).unflatten(-1, (-1, size)).transpose(-3, -2).flatten(-2)
+
+    ref_kept = tiles(tokens(eff, False)).any(-1)
+    # query rows past q_len do not matter; keys past kv_len make a tile partial
+    t = tokens(full, False)
+    t[..., n:, :] = True
+    assert torch.equal(kept, ref_kept)
+    assert torch.equal(cfull, tiles(t).all(-1) & ref_kept)
+
+    q, k, v = _qkv(2, 2, n, m, 16)
+    mask = flex_backend.to_flex_block_mask(bm, 2, 2, device="cuda")
+    assert mask.BLOCK_SIZE == (size, size)
+    out = flex_attention(q, k, v, block_mask=mask)
+    ref = _dense_masked(q, k, v, bm.to_dense(2, 2))
+    assert (out - ref).abs().max() <= 1e-5

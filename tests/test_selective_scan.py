@@ -41,7 +41,7 @@ def _inputs(b=2, d=6, n=3, length=37, groups=None, a_scale=1.0, dt_shift=0.0, se
 def _grads(fn, inputs, **kw):
     leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
     out = fn(**leaves, delta_softplus=True, **kw)
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     (out * w).sum().backward()
     # an input that cannot influence the output (A when L == 1) may get no grad at all: that is zero
     return out.detach(), {k: torch.zeros_like(v) if v.grad is None else v.grad for k, v in leaves.items()}

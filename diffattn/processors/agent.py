@@ -237,7 +237,7 @@ def agent_attention(
     key_bias: torch.Tensor | None = None,
     query_bias: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
-    upcast: bool = True,
+    upcast: bool = False,
 ) -> torch.Tensor:
     """Agent attention on ``(batch, heads, tokens, head_dim)`` tensors.
 
@@ -250,7 +250,9 @@ def agent_attention(
         shortcut: weight of ``v`` added to the output (needs ``M == N``).
         key_bias: additive ``(.., n, N)`` bias of the agent-key logits; query_bias: ``(.., M, n)``.
         key_mask: boolean (True keeps) or additive mask of the keys, broadcast over the agents.
-        upcast: compute in float32 when inputs are float16/bfloat16 (each softmax in fp32).
+        upcast: compute both stages in float32 when inputs are float16/bfloat16. Off by default: SDPA's
+            fused kernels keep the softmax statistics in fp32 already, and on GPU fp32 inputs leave the
+            fast fp16 kernels (an H200 took 2.7 ms instead of under 1 ms for the two stages at 1024 px).
     """
     if shortcut and q.shape[-2] != v.shape[-2]:
         raise ValueError(f"shortcut needs as many queries as values, got {q.shape[-2]} and {v.shape[-2]}")
@@ -271,6 +273,14 @@ def agent_attention(
     if shortcut:
         out = out + shortcut * v
     return out.to(dtype)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a CPU-drawn index tensor to ``device`` without a host-device synchronisation: a plain
+    ``.to("cuda")`` of pageable memory waits for the GPU to finish its queue, once per layer."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def agent_grid(grid: Grid, num_agents: int, agent_frames: int | None = None) -> Grid:
@@ -487,7 +497,7 @@ class AgentAttnProcessor(CoreAttnProcessor):
         if r == 0 and 2 * (n - agent_r) >= n:
             return None  # neither merging nor agents: the stock processor
         plan = _Plan(phase, h, w, r, agent_r, use_agents=2 * (n - agent_r) < n - r)
-        return plan, src.to(device), dst.to(device)
+        return plan, _to_device(src, device), _to_device(dst, device)
 
     # ----- the call -----------------------------------------------------------------------------------------
 

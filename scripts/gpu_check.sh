@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU checks in one run, for a CUDA machine with torch already installed and no registry access.
+#
+#   bash scripts/gpu_check.sh [OUT_DIR]
+#
+# Wheels placed in .whl/ (diffusers, transformers, peft, tomesd: the versions CI uses) are installed
+# into /tmp/site first; the project itself is installed without dependencies. Then:
+#   1. tests/test_cuda.py (engine, selective scan, every method's processor, LoRA training on CUDA);
+#   2. the engine, radial, Hilbert-local and agent benchmarks in bf16 / fp16 on the GPU.
+# Each step has its own time limit, so one slow step does not cost the others. Logs, JSON and PNG
+# go to OUT_DIR (default outputs/gpu_check). STEPS="test_cuda bench_agent" runs a subset; TEST_ARGS
+# is passed to pytest (e.g. "-k agent").
+set -u
+STEPS=${STEPS:-test_cuda bench_engine bench_radial bench_hilbert_local bench_agent}
+OUT_DIR=${1:-outputs/gpu_check}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+if ! python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT_DIR/install.log" 2>&1; then
+  # no wheel / old setuptools there: lay the installed package out by hand (pyproject's package-dir)
+  echo "pip install -e . failed (see install.log); importing the package from /tmp/diffattn_pkg"
+  rm -rf /tmp/diffattn_pkg && mkdir -p /tmp/diffattn_pkg && cp -r diffattn /tmp/diffattn_pkg/ &&
+    cp -r pipelines /tmp/diffattn_pkg/diffattn/pipelines && cp -r lora /tmp/diffattn_pkg/diffattn/lora || exit 1
+  export PYTHONPATH=/tmp/diffattn_pkg${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, diffusers, transformers, peft, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'cuda', torch.cuda.is_available())"
+
+step() {  # step NAME SECONDS CMD...: run with a limit, log to OUT_DIR/NAME.log, print the figures
+  local name=$1 limit=$2; shift 2
+  [[ " $STEPS " == *" $name "* ]] || return 0
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0)) s"
+  grep -E '^\[cuda\]|skipped|passed|failed|FAILED|Error|efficiency|speedup|PASS|FAIL|unet |layer |compiles' "$OUT_DIR/$name.log" \
+    | grep -v 'Warning\|warn(' | cut -c1-260 | tail -n 60
+}
+
+step test_cuda "${TEST_LIMIT:-240}" python3 -m pytest tests/test_cuda.py -q -s -p no:cacheprovider -W ignore ${TEST_ARGS:-}
+step bench_engine "${BENCH_LIMIT:-120}" python3 scripts/bench_engine.py --lengths 16384 32768 \
+  --densities 0.07 0.15 0.3 0.45 1.0 --heads 12 --head-dim 128 --dtype bf16 --repeats 10 \
+  --backward-length 16384 --out "$OUT_DIR/bench_engine_gpu"
+step bench_radial "${BENCH_LIMIT:-120}" python3 scripts/bench_radial.py --dtype bf16 --backends flex --repeats 10 \
+  --out "$OUT_DIR/bench_radial_gpu"
+step bench_hilbert_local "${BENCH_LIMIT:-120}" python3 scripts/bench_hilbert_local.py --dtype bf16 --backends flex \
+  --repeats 10 --out "$OUT_DIR/bench_hilbert_local_gpu"
+step bench_agent "${BENCH_LIMIT:-120}" python3 scripts/bench_agent.py --device cuda --dtype fp16 --sizes 512 1024 \
+  --rounds 10 --layer-rounds 10 --out "$OUT_DIR/bench_agent_gpu"
