@@ -7,8 +7,8 @@ the GPU benchmarks). Every check compares against a reference, not just shapes:
   fp32 <= 1e-5 as on CPU, fp16 / bf16 against the fp32 reference at 1e-2 / 3e-2);
 - the chunked selective scan on CUDA against the sequential reference (the tolerance of the CPU test);
 - each method's processor on a zoo pipeline: the CUDA output equals the CPU output of the same method
-  and seed (fp32, 2e-3 on outputs in [0, 1]: a few denoising steps of reordered fp32 sums; measured
-  2e-4 to 1.7e-3 on an H200) and bf16 runs finite;
+  and seed (fp32, 5e-3 on outputs in [0, 1]: a few denoising steps of reordered fp32 sums; measured
+  6e-6 to 3.4e-3 on an H200) and bf16 runs finite;
 - LoRA training through radial attention on the GPU: with every pair visible it trains the same LoRA
   as dense attention (the flex backward against SDPA's), a sparse mask trains another.
 """
@@ -229,7 +229,9 @@ def test_method_on_cuda_matches_cpu(method, name, options):
     err = float(np.abs(gpu - cpu).max())
     _report(f"{method} on {name}: CUDA fp32 vs CPU fp32", err)
     assert np.isfinite(gpu).all()
-    assert err <= 2e-3
+    # 5e-3 (1.3 / 255): measured 6e-6 to 2e-3 on an H200, and AgentSD's scatter_add merges, whose GPU
+    # summation order varies, gave 1.8e-3 and 3.4e-3 in two runs of the same test
+    assert err <= 5e-3
     # bf16 runs through the same paths (flex / SDPA in bf16); tiny random-weight models drift far from
     # fp32 over a few steps, so only finiteness is checked here (the engine's bf16 error is checked above)
     assert np.isfinite(_generate(pipe, name, method, options, DEV, torch.bfloat16)).all()
