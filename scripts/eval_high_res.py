@@ -13,7 +13,12 @@ bridge (recipe ``high-res``) for ``--train-steps`` on the testbed digits at the 
   the same figure is taken of stage 2's starting image (the LR image upsampled as the pipeline does,
   no attention at all), and the summary gives the paired local - dense difference with its standard
   error: local attention adds a window grid only if it scores above dense attention on the same tokens;
-- centre seam: the jump across the centre column's token border over the median token-border jump.
+- centre seam: the jump across the centre column's token border over the median token-border jump;
+- window-border seams: the same figure at every vertical LR-window border (token columns that are
+  multiples of ``lr_window``), beside the number of LR windows that enter or leave the guidance an HR
+  token sees when it steps across that border (each HR token sees the LR under its own window and the
+  adjacent ones, so the set shifts at every window border; at the centre of a 4-window row both ends
+  change, at the other borders one).
 
 Writes ``OUT.json`` and ``OUT.png`` (LR | HR local | HR dense per sample).
 
@@ -73,6 +78,24 @@ def seam_ratio(image: np.ndarray, unit: int) -> float:
     jumps = np.abs(np.diff(image.mean(-1), axis=1)).mean(0)  # jumps[k]: between columns k and k + 1
     borders = jumps[unit - 1 :: unit]
     return float(jumps[image.shape[1] // 2 - 1] / np.median(borders))
+
+
+def border_seams(image: np.ndarray, unit: int, window: int) -> list[float]:
+    """:func:`seam_ratio`'s figure at each vertical border between ``window``-token columns."""
+    jumps = np.abs(np.diff(image.mean(-1), axis=1)).mean(0)
+    median = np.median(jumps[unit - 1 :: unit])
+    step = window * unit
+    return [float(jumps[px - 1] / median) for px in range(step, image.shape[1], step)]
+
+
+def lr_context_changes(n_windows: int) -> list[int]:
+    """LR windows entering or leaving the guidance across each window border (window ``j - 1`` -> ``j``):
+    a token in window ``i`` sees LR windows ``i - 1 .. i + 1`` (clipped to the grid)."""
+
+    def seen(i: int) -> set[int]:
+        return set(range(max(0, i - 1), min(n_windows, i + 2)))
+
+    return [len(seen(j - 1) ^ seen(j)) for j in range(1, n_windows)]
 
 
 def structure_psnr(hr: np.ndarray, lr: np.ndarray) -> float:
@@ -141,6 +164,7 @@ def main() -> None:
             for k, v in spectrum_metrics(out, args.base, period_px).items():
                 row[f"{name}_{k}"] = v
             row[f"{name}_centre_seam_ratio"] = seam_ratio(out, unit)
+            row[f"{name}_border_seams"] = border_seams(out, unit, args.lr_window)
         start = upsample_image(torch.from_numpy(lr_img).permute(2, 0, 1)[None].float(), side, side)
         row["lr_upsampled_grid_peak_ratio"] = spectrum_metrics(start[0].permute(1, 2, 0).numpy(), args.base, period_px)[
             "grid_peak_ratio"
@@ -149,14 +173,16 @@ def main() -> None:
         rows.append(row)
         up = np.kron(lr_img, np.ones((args.scale, args.scale, 1)))
         tiles.append(np.concatenate([up, local.images[0], dense.images[0]], axis=1))
-        tqdm.write(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    summary = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ("sample", "prompt")}
+        tqdm.write(" ".join(f"{k}={np.round(v, 3).tolist()}" if not isinstance(v, str) else f"{k}={v}"
+                            for k, v in row.items()))
+    summary = {k: np.mean([r[k] for r in rows], axis=0).tolist() for k in rows[0] if k not in ("sample", "prompt")}
+    summary["lr_context_changes"] = lr_context_changes(side // unit // args.lr_window)
     diff = np.array([r["local_grid_peak_ratio"] - r["dense_grid_peak_ratio"] for r in rows])
     summary["grid_peak_ratio_local_minus_dense"] = float(diff.mean())
     summary["grid_peak_ratio_local_minus_dense_sem"] = (
         float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
     )
-    print("mean:", " ".join(f"{k}={v:.3f}" for k, v in summary.items()))
+    print("mean:", " ".join(f"{k}={np.round(v, 3).tolist()}" for k, v in summary.items()))
     out = Path(args.out)
     write_json(out.with_suffix(".json"), {"environment": environment(), "args": vars(args), "bridge": bridge,
                                           "samples": rows, "mean": summary})

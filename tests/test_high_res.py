@@ -239,3 +239,26 @@ def test_lr_only_lora_on_norm_and_ff():
     assert (split - stock).abs().max() <= 1e-5, "the split forward is the stock block"
     assert (lr_only - stock).abs().max() > 1e-4, "HR tokens run norm/FF without their LoRA"
     assert all(not m._disable_adapters for m in model.modules() if hasattr(m, "_disable_adapters"))
+
+
+def test_eval_script_border_seams():
+    """The testbed check's seam figures: a planted jump at one window border is found there alone, and the
+    LR guidance changes by two windows at the centre of a 4-window row, one at the other borders."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "eval_high_res.py"
+    spec = importlib.util.spec_from_file_location("eval_high_res", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(0)
+    image = rng.random((32, 64, 3)) * 0.1
+    image[:, 32:] += 0.5  # a step at pixel column 32: the border between the 2nd and 3rd 16-px windows
+    seams = mod.border_seams(image, unit=2, window=8)
+    assert len(seams) == 3 and seams[1] > 5 and max(seams[0], seams[2]) < 2
+    assert mod.seam_ratio(image, unit=2) == pytest.approx(seams[1])
+    assert mod.lr_context_changes(4) == [1, 2, 1]
+    assert mod.lr_context_changes(2) == [0]
+    assert mod.lr_context_changes(6) == [1, 2, 2, 2, 1]
