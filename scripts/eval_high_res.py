@@ -176,7 +176,7 @@ def main() -> None:
         tqdm.write(" ".join(f"{k}={np.round(v, 3).tolist()}" if not isinstance(v, str) else f"{k}={v}"
                             for k, v in row.items()))
     summary = {k: np.mean([r[k] for r in rows], axis=0).tolist() for k in rows[0] if k not in ("sample", "prompt")}
-    summary["lr_context_changes"] = lr_context_changes(side // unit // args.lr_window)
+    summary["lr_context_changes"] = lr_context_changes(-(-side // unit // args.lr_window))
     diff = np.array([r["local_grid_peak_ratio"] - r["dense_grid_peak_ratio"] for r in rows])
     summary["grid_peak_ratio_local_minus_dense"] = float(diff.mean())
     summary["grid_peak_ratio_local_minus_dense_sem"] = (
