@@ -128,6 +128,8 @@ def main() -> None:
     p.add_argument("--hr-steps", type=int, default=16)
     p.add_argument("--radius", type=int, default=8)
     p.add_argument("--lr-window", type=int, default=16)
+    p.add_argument("--lr-mode", choices=["window", "all", "sliding"], default="window",
+                   help="LR guidance of stage 2 (window: the reference's inference mask)")
     p.add_argument("--bridge", default=None, help="a trained bridge LoRA folder")
     p.add_argument("--train-steps", type=int, default=0, help="train the bridge first (0: no bridge)")
     p.add_argument("--untrained", action="store_true", help="random digits-dit weights (smoke run only)")
@@ -151,7 +153,7 @@ def main() -> None:
         prompt = caption_for(label)
         common = dict(prompt=prompt, height=side, width=side, lr_height=args.base, lr_width=args.base,
                       num_inference_steps=args.steps, hr_steps=args.hr_steps, radius=args.radius,
-                      lr_window=args.lr_window, output_type="np", return_lr=True,
+                      lr_window=args.lr_window, lr_mode=args.lr_mode, output_type="np", return_lr=True,
                       max_sequence_length=spec.call_kwargs.get("max_sequence_length", 512),
                       true_cfg_scale=spec.call_kwargs.get("true_cfg_scale", 1.0),
                       negative_prompt=spec.call_kwargs.get("negative_prompt"))

@@ -128,7 +128,33 @@ CASES = [
                                     lr_window=5)),
     (12, 18, 3, "window", 16, dict(window=4, text_len=4, lr_height=4, lr_width=6, lr_radius=0, lr_window=3)),
     (16, 16, 4, "hilbert", 32, dict(text_len=16, lr_height=8, lr_width=8, lr_radius=2, lr_window=4)),
+    (12, 18, 3, "hilbert", 13, dict(text_len=3, text_position="last", lr_height=6, lr_width=9, lr_radius=1,
+                                    lr_mode="sliding", lr_window=5)),
+    # a reach under one LR cell (3 * lr_window < 2 * ratio): the bitmap goes token by token
+    (16, 24, 2, "window", 8, dict(window=4, lr_height=4, lr_width=6, lr_radius=1, lr_mode="sliding", lr_window=1)),
 ]
+
+
+def test_sliding_lr_guidance_by_hand():
+    """lr_mode="sliding": an HR token sees the LR cells whose centre is within 1.5 * lr_window of it, so the
+    seen LR columns shift by one cell every ``ratio`` HR columns and never jump at a window border."""
+    h = w = 32
+    lh = lw = 8  # ratio 4: LR cell centres at 1.5, 5.5, 9.5, ...
+    opts = dict(lr_height=lh, lr_width=lw, lr_radius=1, lr_mode="sliding", lr_window=4)  # reach 6 HR tokens
+    ref = local_token_mask(h, w, 1, "raster", **opts)
+    hr = lambda y, x: y * w + x  # noqa: E731
+    lr = lambda y, x: h * w + y * lw + x  # noqa: E731
+
+    def seen_cols(y, x):
+        return [c for c in range(lw) if ref[hr(y, x), lr(y // 4, c)]]
+
+    for x in range(w):
+        expect = [c for c in range(lw) if abs(x - (4 * c + 1.5)) <= 6]
+        assert seen_cols(16, x) == expect
+    # rows follow the same rule: from y = 16, LR rows 3-5 (centres 13.5, 17.5, 21.5), not row 2 (9.5)
+    assert [r for r in range(lh) if ref[hr(16, 16), lr(r, 4)]] == [3, 4, 5]
+    # interior tokens all see 3 LR columns (a window-based rule would see 3 windows' worth, jumping at borders)
+    assert {len(seen_cols(16, x)) for x in range(6, 26)} == {3}
 
 
 @pytest.mark.parametrize("h,w,r,order,bs,opts", CASES)
@@ -172,7 +198,7 @@ def test_lr_rules_by_hand():
     assert ref[t:, 0].tolist() == [True] * n_hr + [False] * 16, "HR sees text, LR does not"
 
 
-@pytest.mark.parametrize("h,w,r,order,bs,opts", [CASES[1], CASES[2], CASES[5], CASES[7]])
+@pytest.mark.parametrize("h,w,r,order,bs,opts", [CASES[1], CASES[2], CASES[5], CASES[7], CASES[8]])
 @pytest.mark.parametrize("backend", ["sdpa", "gather"])
 def test_engine_matches_sdpa_with_explicit_mask(h, w, r, order, bs, opts, backend):
     bm = local_block_mask(h, w, r, order, bs, **opts)
@@ -355,7 +381,7 @@ def test_processor_by_hand_equals_apply():
     assert torch.equal(native, applied)
 
 
-@pytest.mark.parametrize("lr_mode", ["window", "all"])
+@pytest.mark.parametrize("lr_mode", ["window", "all", "sliding"])
 def test_processor_lr_guidance_matches_explicit_mask(lr_mode):
     """A Flux double-stream layer on [text; HR; LR] (LR grid inferred) equals SDPA with the raster-order mask."""
     pipe = zoo.load("flux")

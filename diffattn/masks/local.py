@@ -10,7 +10,10 @@ The joint sequence is ``[text; HR; LR]`` (``text_position="first"``, Flux) or ``
 - HR sees text, text sees text and HR (text is dense when there are no LR tokens);
 - HR sees LR: ``lr_mode="window"``: the LR tokens under its ``lr_window x lr_window`` HR window and the
   8 adjacent windows (an LR token lies under the HR window of its position times the HR/LR ratio);
-  ``lr_mode="all"``: every LR token (the reference's training setting);
+  ``lr_mode="all"``: every LR token (the reference's training setting); ``lr_mode="sliding"``: the LR
+  tokens whose cell centre lies within ``1.5 * lr_window`` HR tokens of it on both axes (the same reach
+  as the 3 x 3 windows on average, but centred on each token, so the LR context shifts smoothly instead
+  of jumping at window borders, where ``"window"`` leaves seams);
 - LR sees LR with ``|dy|, |dx| <= lr_radius`` on the LR grid. LR sees neither text nor HR.
 
 The block bitmap is built from block geometry, never from ``n**2`` token pairs: the grid is cut into
@@ -43,7 +46,8 @@ __all__ = [
     "visible_pairs",
 ]
 
-LRMode = Literal["window", "all"]
+LRMode = Literal["window", "all", "sliding"]
+LR_MODES: tuple[str, ...] = ("window", "all", "sliding")
 Granularity = Literal["token", "block"]
 
 # token kinds in the rule's lookup table
@@ -108,8 +112,8 @@ class LocalGeometry:
                     "HR/LR ratios along height and width"
                 )
         _pos_int("lr_radius", self.lr_radius, 0)
-        if self.lr_mode not in ("window", "all"):
-            raise ValueError(f"lr_mode must be 'window' or 'all', got {self.lr_mode!r}")
+        if self.lr_mode not in LR_MODES:
+            raise ValueError(f"lr_mode must be one of {list(LR_MODES)}, got {self.lr_mode!r}")
         _pos_int("lr_window", self.lr_window)
 
     @property
@@ -191,6 +195,20 @@ def _tables(g: LocalGeometry) -> torch.Tensor:
     return t
 
 
+def _sliding_near(hr: torch.Tensor, lr: torch.Tensor, ratio: int, lr_window: int) -> torch.Tensor:
+    """``lr_mode="sliding"`` on one axis: the LR cell's centre ``lr * ratio + (ratio - 1) / 2`` lies within
+    ``1.5 * lr_window`` of the HR coordinate ``hr`` (counted in half tokens, so in integers)."""
+    return (2 * hr - 2 * ratio * lr - (ratio - 1)).abs() <= 3 * lr_window
+
+
+def _sliding_span(lo: torch.Tensor, hi: torch.Tensor, ratio: int, lr_window: int, n_lr: int):
+    """LR coordinates ``[first, last]`` seen (``"sliding"``) from any HR coordinate in ``[lo, hi]``."""
+    shift, reach = ratio - 1, 3 * lr_window
+    first = torch.div(2 * lo - shift - reach + 2 * ratio - 1, 2 * ratio, rounding_mode="floor")  # ceil
+    last = torch.div(2 * hi - shift + reach, 2 * ratio, rounding_mode="floor")
+    return first.clamp(min=0), last.clamp(max=n_lr - 1)
+
+
 class LocalTokenRule:
     """The local rule as a FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx)`` over sequence indices.
 
@@ -198,12 +216,16 @@ class LocalTokenRule:
     permutation at call time). A stable object cached by geometry, so compiled kernels are reused.
     """
 
-    def __init__(self, tables: torch.Tensor, radius: int, lr_radius: int, lr_all: bool) -> None:
+    def __init__(
+        self, tables: torch.Tensor, radius: int, lr_radius: int, lr_mode: str, ratio: int = 1, lr_window: int = 16
+    ) -> None:
         self.tables = tables
         self.n = tables.shape[1]
         self.radius = radius
         self.lr_radius = lr_radius
-        self.lr_all = lr_all
+        self.lr_mode = lr_mode
+        self.ratio = ratio
+        self.lr_window = lr_window
 
     def __call__(self, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         t = self.tables
@@ -218,15 +240,23 @@ class LocalTokenRule:
         ok = hr_q & hr_k & (dy <= self.radius) & (dx <= self.radius)
         ok = ok | (lr_q & lr_k & (dy <= self.lr_radius) & (dx <= self.lr_radius))
         ok = ok | (text_q & (text_k | hr_k)) | (hr_q & text_k)
-        if self.lr_all:
+        if self.lr_mode == "all":
             ok = ok | (hr_q & lr_k)
+        elif self.lr_mode == "sliding":
+            near = _sliding_near(t[1][q], t[1][k], self.ratio, self.lr_window) & _sliding_near(
+                t[2][q], t[2][k], self.ratio, self.lr_window
+            )
+            ok = ok | (hr_q & lr_k & near)
         else:
             near = ((t[3][q] - t[3][k]).abs() <= 1) & ((t[4][q] - t[4][k]).abs() <= 1)
             ok = ok | (hr_q & lr_k & near)
         return ok
 
     def __repr__(self) -> str:
-        return f"LocalTokenRule(n={self.n}, radius={self.radius}, lr_radius={self.lr_radius}, lr_all={self.lr_all})"
+        return (
+            f"LocalTokenRule(n={self.n}, radius={self.radius}, lr_radius={self.lr_radius}, lr_mode={self.lr_mode!r}, "
+            f"ratio={self.ratio}, lr_window={self.lr_window})"
+        )
 
 
 # ----- block bitmap from run geometry ------------------------------------------------------------------------
@@ -312,6 +342,8 @@ def _bitmap(g: LocalGeometry) -> torch.Tensor:
         lr_blocks = torch.unique(lr_grid)
         if g.lr_mode == "all":
             bitmap[hr_blocks[:, None], lr_blocks[None, :]] = True
+        elif g.lr_mode == "sliding":
+            bitmap |= _sliding_blocks(g, hr_grid, lr_grid, nb)
         else:
             # windows: HR tokens by their own window, LR tokens by the HR window they lie under
             n_wy, n_wx = -(-g.height // g.lr_window), -(-g.width // g.lr_window)
@@ -326,6 +358,34 @@ def _bitmap(g: LocalGeometry) -> torch.Tensor:
             near = (((wy[:, None] - wy[None, :]).abs() <= 1) & ((wx[:, None] - wx[None, :]).abs() <= 1)).float()
             bitmap |= (a_hr @ near @ a_lr.T) > 0
     return bitmap
+
+
+def _sliding_blocks(g: LocalGeometry, hr_grid: torch.Tensor, lr_grid: torch.Tensor, nb: int) -> torch.Tensor:
+    """HR -> LR blocks of ``lr_mode="sliding"``: each HR run sees an LR rectangle; the rectangles are painted
+    per HR block (corner increments, then 2-D prefix sums) and the LR blocks under them are kept."""
+    row, lo, hi, blk = _runs(hr_grid)
+    if 3 * g.lr_window < 2 * g.ratio:
+        # a reach under one LR cell: some HR columns see no LR column, so a run's columns need not see
+        # one contiguous LR span; go token by token
+        row, lo = torch.meshgrid(torch.arange(g.height), torch.arange(g.width), indexing="ij")
+        row, lo, blk = row.flatten(), lo.flatten(), hr_grid.flatten()
+        hi = lo
+    y0, y1 = _sliding_span(row, row, g.ratio, g.lr_window, g.lr_height)
+    x0, x1 = _sliding_span(lo, hi, g.ratio, g.lr_window, g.lr_width)
+    ok = (y0 <= y1) & (x0 <= x1)
+    row_blocks = torch.unique(hr_grid)
+    local = torch.searchsorted(row_blocks, blk[ok])
+    y0, y1, x0, x1 = y0[ok], y1[ok] + 1, x0[ok], x1[ok] + 1
+    paint = torch.zeros(len(row_blocks), g.lr_height + 1, g.lr_width + 1, dtype=torch.int32)
+    ones = torch.ones_like(local, dtype=torch.int32)
+    for yy, xx, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
+        paint.index_put_((local, yy, xx), sign * ones, accumulate=True)
+    covered = paint.cumsum(1).cumsum(2)[:, :-1, :-1] > 0  # (HR blocks, LR rows, LR cols)
+    lr_onehot = _incidence(torch.arange(g.n_lr), lr_grid.flatten(), g.n_lr, nb)
+    seen = (covered.flatten(1).float() @ lr_onehot) > 0
+    out = torch.zeros(nb, nb, dtype=torch.bool)
+    out[row_blocks] = seen
+    return out
 
 
 # ----- closed-form token counts -----------------------------------------------------------------------------
@@ -344,6 +404,11 @@ def _near_window_pairs(n_hr: int, n_lr: int, ratio: int, window: int) -> int:
     return int(((hw[:, None] - lw[None, :]).abs() <= 1).sum())
 
 
+def _sliding_pairs(n_hr: int, n_lr: int, ratio: int, window: int) -> int:
+    """Pairs (HR index, LR index) on one axis within the sliding reach."""
+    return int(_sliding_near(torch.arange(n_hr)[:, None], torch.arange(n_lr)[None, :], ratio, window).sum())
+
+
 def visible_pairs(g: LocalGeometry) -> int:
     pairs = _reach(g.height, g.radius) * _reach(g.width, g.radius)
     t = g.text_len
@@ -352,6 +417,10 @@ def visible_pairs(g: LocalGeometry) -> int:
         pairs += _reach(g.lr_height, g.lr_radius) * _reach(g.lr_width, g.lr_radius)
         if g.lr_mode == "all":
             pairs += g.n_hr * g.n_lr
+        elif g.lr_mode == "sliding":
+            pairs += _sliding_pairs(g.height, g.lr_height, g.ratio, g.lr_window) * _sliding_pairs(
+                g.width, g.lr_width, g.ratio, g.lr_window
+            )
         else:
             pairs += _near_window_pairs(g.height, g.lr_height, g.ratio, g.lr_window) * _near_window_pairs(
                 g.width, g.lr_width, g.ratio, g.lr_window
@@ -373,7 +442,7 @@ def _computed_pairs(g: LocalGeometry, effective: torch.Tensor) -> int:
 
 @functools.lru_cache(maxsize=32)
 def _engine_parts(g: LocalGeometry, device: str) -> tuple[torch.Tensor, LocalTokenRule]:
-    rule = LocalTokenRule(_tables(g).to(device), g.radius, g.lr_radius, g.lr_mode == "all")
+    rule = LocalTokenRule(_tables(g).to(device), g.radius, g.lr_radius, g.lr_mode, g.ratio, g.lr_window)
     return _bitmap(g).to(device), rule
 
 
@@ -422,8 +491,9 @@ def local_block_mask(
         text_len, text_position: text tokens ``"first"`` (``[text; HR; LR]``) or ``"last"`` (``[HR; LR; text]``).
         lr_height, lr_width: LR guidance grid; the HR/LR ratio must be the same integer on both axes.
         lr_radius: LR tokens see LR tokens within this Chebyshev radius on the LR grid.
-        lr_mode: ``"window"`` (HR sees the LR tokens under its ``lr_window`` window and the adjacent ones) or
-            ``"all"`` (HR sees every LR token).
+        lr_mode: ``"window"`` (HR sees the LR tokens under its ``lr_window`` window and the adjacent ones,
+            the reference's inference mask), ``"all"`` (HR sees every LR token) or ``"sliding"`` (the LR
+            tokens within ``1.5 * lr_window`` of each HR token: no window borders, so no seams at them).
         lr_window: HR window side of the LR rule (16 in the reference).
         granularity: ``"token"``: the exact rule inside the kept blocks; ``"block"``: every pair of a kept
             block is visible (a superset of the rule, like the reference's block-sparse kernel; no
@@ -535,6 +605,12 @@ def local_token_mask(
     mask |= (q_kind == HR) & (k_kind == TEXT)
     if g.lr_mode == "all":
         mask |= (q_kind == HR) & (k_kind == LR)
+    elif g.lr_mode == "sliding":
+        # LR coordinates are scaled onto the HR grid here: the cell centre is ys + (ratio - 1) / 2
+        reach = 3 * g.lr_window
+        cy = (2 * ys[:, None] - 2 * ys[None, :] - (g.ratio - 1)).abs() <= reach
+        cx = (2 * xs[:, None] - 2 * xs[None, :] - (g.ratio - 1)).abs() <= reach
+        mask |= (q_kind == HR) & (k_kind == LR) & cy & cx
     else:
         wy = ys // g.lr_window
         wx = xs // g.lr_window

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..context import AttentionContext
 from ..masks.hilbert import ORDERS, token_order
-from ..masks.local import LocalGeometry, geometry_block_mask, visible_pairs
+from ..masks.local import LR_MODES, LocalGeometry, geometry_block_mask, visible_pairs
 from ..ops import BlockMask, block_sparse_attention
 from ..ops.block_sparse_attention import BACKENDS
 from ..registry import LayerInfo, Method, check_options, register
@@ -60,7 +60,9 @@ class HilbertLocalConfig:
         window: window side of ``order="window"``.
         lr_radius: LR guidance tokens see LR tokens within this radius on the LR grid.
         lr_mode: ``"window"``: HR sees the LR tokens under its ``lr_window`` window and the adjacent
-            ones (inference); ``"all"``: HR sees every LR token (the LoRA bridge's training setting).
+            ones (the reference's inference mask; its window borders can leave seams); ``"all"``: HR sees
+            every LR token (the LoRA bridge's training setting); ``"sliding"``: the LR tokens within
+            ``1.5 * lr_window`` of each HR token (the same reach, centred on the token: no borders).
         lr_window: HR window side of the LR rule.
         lr_ratio: HR/LR ratio when LR tokens follow the HR tokens; ``None`` infers it from the token count.
         granularity: ``"token"``: exactly the rule; ``"block"``: whole 128x128 blocks holding any visible
@@ -73,7 +75,7 @@ class HilbertLocalConfig:
     block_size: int = 128
     window: int = 16
     lr_radius: int = 2
-    lr_mode: Literal["window", "all"] = "window"
+    lr_mode: Literal["window", "all", "sliding"] = "window"
     lr_window: int = 16
     lr_ratio: int | None = None
     granularity: Literal["token", "block"] = "token"
@@ -86,8 +88,8 @@ class HilbertLocalConfig:
         _int("block_size", self.block_size, 1)
         _int("window", self.window, 1)
         _int("lr_radius", self.lr_radius, 0)
-        if self.lr_mode not in ("window", "all"):
-            raise ValueError(f"lr_mode must be 'window' or 'all', got {self.lr_mode!r}")
+        if self.lr_mode not in LR_MODES:
+            raise ValueError(f"lr_mode must be one of {list(LR_MODES)}, got {self.lr_mode!r}")
         _int("lr_window", self.lr_window, 1)
         if self.lr_ratio is not None:
             _int("lr_ratio", self.lr_ratio, 1)
