@@ -18,7 +18,9 @@ bridge (recipe ``high-res``) for ``--train-steps`` on the testbed digits at the 
   multiples of ``lr_window``), beside the number of LR windows that enter or leave the guidance an HR
   token sees when it steps across that border (each HR token sees the LR under its own window and the
   adjacent ones, so the set shifts at every window border; at the centre of a 4-window row both ends
-  change, at the other borders one).
+  change, at the other borders one);
+- centre profile: the same figure at every pixel-column border within 2 tokens of the centre (the
+  middle one is the centre border): a seam stands out alone, busy content raises its neighbours too.
 
 Writes ``OUT.json`` and ``OUT.png`` (LR | HR local | HR dense per sample).
 
@@ -78,6 +80,15 @@ def seam_ratio(image: np.ndarray, unit: int) -> float:
     jumps = np.abs(np.diff(image.mean(-1), axis=1)).mean(0)  # jumps[k]: between columns k and k + 1
     borders = jumps[unit - 1 :: unit]
     return float(jumps[image.shape[1] // 2 - 1] / np.median(borders))
+
+
+def centre_profile(image: np.ndarray, unit: int, span: int = 2) -> list[float]:
+    """:func:`seam_ratio`'s figure at every pixel-column border within ``span`` tokens of the centre (the
+    middle entry is the centre border itself): a seam is high there alone, busy content around it too."""
+    jumps = np.abs(np.diff(image.mean(-1), axis=1)).mean(0)
+    median = np.median(jumps[unit - 1 :: unit])
+    c = image.shape[1] // 2 - 1
+    return [float(j / median) for j in jumps[c - span * unit : c + span * unit + 1]]
 
 
 def border_seams(image: np.ndarray, unit: int, window: int) -> list[float]:
@@ -167,6 +178,7 @@ def main() -> None:
                 row[f"{name}_{k}"] = v
             row[f"{name}_centre_seam_ratio"] = seam_ratio(out, unit)
             row[f"{name}_border_seams"] = border_seams(out, unit, args.lr_window)
+            row[f"{name}_centre_profile"] = centre_profile(out, unit)
         start = upsample_image(torch.from_numpy(lr_img).permute(2, 0, 1)[None].float(), side, side)
         row["lr_upsampled_grid_peak_ratio"] = spectrum_metrics(start[0].permute(1, 2, 0).numpy(), args.base, period_px)[
             "grid_peak_ratio"

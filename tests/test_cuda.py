@@ -241,38 +241,10 @@ def test_method_on_cuda_matches_cpu(method, name, options):
 
 
 def test_long_video_lora_trains_through_flex_backward_on_cuda(tmp_path):
-    from diffattn.lora.trainer import TrainConfig, Trainer
-    from safetensors.torch import load_file
-
-    from diffattn.testbed.data import MovingDigitsDataset, write_video_folder
-    from diffattn.testbed.models import build
-
-    data = tmp_path / "clips"
-    write_video_folder(MovingDigitsDataset(num_clips=2, num_frames=29, channels=3), data, progress=False)
-    model = tmp_path / "model"
-    build("digits-video", num_layers=1, heads=2).save_pretrained(model)
+    from test_radial import _train_long_video
 
     def train(tag, attention, options, precision="no"):
-        cfg = TrainConfig(
-            recipe="long-video",
-            model=str(model),
-            data=str(data),
-            output=str(tmp_path / tag),
-            resolution=32,
-            num_frames=29,
-            max_steps=2,
-            batch_size=2,
-            learning_rate=1e-2,
-            cpu=False,
-            mixed_precision=precision,
-            eval_samples=0,
-            max_sequence_length=16,
-            attention=attention,
-            attention_options=options,
-        )
-        res = Trainer(cfg).train()
-        assert np.isfinite(res.final_loss)
-        return load_file(str(tmp_path / tag / "pytorch_lora_weights.safetensors"))
+        return _train_long_video(tmp_path, tag, attention, options, cpu=False, mixed_precision=precision)
 
     dense = train("dense", "dense", {})
     full = train("full", None, {"block_size": 16, "decay_factor": 8.0, "backend": "flex"})

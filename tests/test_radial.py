@@ -489,7 +489,8 @@ def test_cli_mask_radial(tmp_path, capsys):
 # ------------------------------------------------------------------------- long-video recipe (training)
 
 
-def _train_long_video(tmp_path, tag, attention, options):
+def _train_long_video(tmp_path, tag, attention, options, cpu=True, mixed_precision="no"):
+    """Two steps of the long-video recipe on a 1-layer digits-video (shared with tests/test_cuda.py)."""
     from diffattn.lora.trainer import TrainConfig, Trainer
 
     from diffattn.testbed.data import MovingDigitsDataset, write_video_folder
@@ -511,13 +512,14 @@ def _train_long_video(tmp_path, tag, attention, options):
         max_steps=2,
         batch_size=2,
         learning_rate=1e-2,
-        cpu=True,
+        cpu=cpu,
+        mixed_precision=mixed_precision,
         eval_samples=0,
         max_sequence_length=16,
         attention=attention,
         attention_options=options,
     )
-    Trainer(cfg).train()
+    assert np.isfinite(Trainer(cfg).train().final_loss)
     from safetensors.torch import load_file
 
     return load_file(str(tmp_path / tag / "pytorch_lora_weights.safetensors"))
