@@ -373,18 +373,19 @@ def _sliding_blocks(g: LocalGeometry, hr_grid: torch.Tensor, lr_grid: torch.Tens
     y0, y1 = _sliding_span(row, row, g.ratio, g.lr_window, g.lr_height)
     x0, x1 = _sliding_span(lo, hi, g.ratio, g.lr_window, g.lr_width)
     ok = (y0 <= y1) & (x0 <= x1)
-    row_blocks = torch.unique(hr_grid)
-    local = torch.searchsorted(row_blocks, blk[ok])
+    hr_blocks = torch.unique(hr_grid)
+    local = torch.searchsorted(hr_blocks, blk[ok])
     y0, y1, x0, x1 = y0[ok], y1[ok] + 1, x0[ok], x1[ok] + 1
-    paint = torch.zeros(len(row_blocks), g.lr_height + 1, g.lr_width + 1, dtype=torch.int32)
+    paint = torch.zeros(len(hr_blocks), g.lr_height + 1, g.lr_width + 1, dtype=torch.int32)
     ones = torch.ones_like(local, dtype=torch.int32)
     for yy, xx, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
         paint.index_put_((local, yy, xx), sign * ones, accumulate=True)
     covered = paint.cumsum(1).cumsum(2)[:, :-1, :-1] > 0  # (HR blocks, LR rows, LR cols)
-    lr_onehot = _incidence(torch.arange(g.n_lr), lr_grid.flatten(), g.n_lr, nb)
-    seen = (covered.flatten(1).float() @ lr_onehot) > 0
+    lr_blocks = torch.unique(lr_grid)
+    lr_onehot = _incidence(torch.arange(g.n_lr), torch.searchsorted(lr_blocks, lr_grid.flatten()), g.n_lr, len(lr_blocks))
+    seen = (covered.flatten(1).float() @ lr_onehot) > 0  # (HR blocks, LR blocks)
     out = torch.zeros(nb, nb, dtype=torch.bool)
-    out[row_blocks] = seen
+    out[hr_blocks[:, None], lr_blocks[None, :]] = seen
     return out
 
 
