@@ -71,32 +71,33 @@ def spectrum_metrics(image: np.ndarray, lr_side: int, period_px: int) -> dict[st
     return {"high_freq_energy": hf, "grid_peak_ratio": max(ratios) if ratios else float("nan")}
 
 
-def seam_ratio(image: np.ndarray, unit: int) -> float:
-    """The jump across the centre column's token border over the median jump across token borders.
+def relative_jumps(image: np.ndarray, unit: int) -> np.ndarray:
+    """Jump at every pixel-column border over the median jump across token borders.
 
-    Jump: mean absolute horizontal difference between the two pixel columns that meet at a border of
-    ``unit``-px tokens (about 1: the centre is like any other token border).
+    Jump: mean absolute horizontal difference between the two pixel columns that meet at a border
+    (entry ``k``: between columns ``k`` and ``k + 1``); ``unit``-px tokens. About 1 at a token border
+    like any other.
     """
-    jumps = np.abs(np.diff(image.mean(-1), axis=1)).mean(0)  # jumps[k]: between columns k and k + 1
-    borders = jumps[unit - 1 :: unit]
-    return float(jumps[image.shape[1] // 2 - 1] / np.median(borders))
+    jumps = np.abs(np.diff(image.mean(-1), axis=1)).mean(0)
+    return jumps / np.median(jumps[unit - 1 :: unit])
+
+
+def seam_ratio(image: np.ndarray, unit: int) -> float:
+    """The relative jump across the centre column's token border."""
+    return float(relative_jumps(image, unit)[image.shape[1] // 2 - 1])
 
 
 def centre_profile(image: np.ndarray, unit: int, span: int = 2) -> list[float]:
     """:func:`seam_ratio`'s figure at every pixel-column border within ``span`` tokens of the centre (the
     middle entry is the centre border itself): a seam is high there alone, busy content around it too."""
-    jumps = np.abs(np.diff(image.mean(-1), axis=1)).mean(0)
-    median = np.median(jumps[unit - 1 :: unit])
     c = image.shape[1] // 2 - 1
-    return [float(j / median) for j in jumps[c - span * unit : c + span * unit + 1]]
+    return relative_jumps(image, unit)[c - span * unit : c + span * unit + 1].tolist()
 
 
 def border_seams(image: np.ndarray, unit: int, window: int) -> list[float]:
     """:func:`seam_ratio`'s figure at each vertical border between ``window``-token columns."""
-    jumps = np.abs(np.diff(image.mean(-1), axis=1)).mean(0)
-    median = np.median(jumps[unit - 1 :: unit])
     step = window * unit
-    return [float(jumps[px - 1] / median) for px in range(step, image.shape[1], step)]
+    return relative_jumps(image, unit)[step - 1 : image.shape[1] - 1 : step].tolist()
 
 
 def lr_context_changes(n_windows: int) -> list[int]:

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from test_engine import CASES, _band, _dense_masked
+from test_engine import _qkv as _engine_qkv
 
 from diffattn.ops import BlockMask, block_sparse_attention, resolve_backend
 
@@ -32,11 +33,7 @@ pytestmark = pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(),
 
 
 def _qkv(b, h, n, m, d, dtype=torch.float32, grad=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(b, h, L, d, generator=g).to(DEV, dtype) for L in (n, m, m))
-    if grad:
-        q, k, v = (t.requires_grad_() for t in (q, k, v))
-    return q, k, v
+    return _engine_qkv(b, h, n, m, d, dtype, grad, seed, device=DEV)
 
 
 def _report(what: str, err: float) -> None:

@@ -33,9 +33,9 @@ def _assert_matches_with_grads(q, k, v, bm, batch, heads, tol=1e-5):
     return ref
 
 
-def _qkv(b, h, n, m, d, dtype=torch.float32, grad=False, seed=0):
+def _qkv(b, h, n, m, d, dtype=torch.float32, grad=False, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(b, h, L, d, generator=g).to(dtype) for L in (n, m, m))
+    q, k, v = (torch.randn(b, h, L, d, generator=g).to(device, dtype) for L in (n, m, m))
     if grad:
         q, k, v = (t.requires_grad_() for t in (q, k, v))
     return q, k, v
