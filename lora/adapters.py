@@ -106,15 +106,16 @@ def mark_extra_trainable(model: nn.Module, names: list[str], option: str = "--tr
     return sorted(set(params))
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The adapter's weights with peft keys (``...to_q.lora_A.weight``), which every diffusers loader reads.
 
-    Not converted to the older ``lora.down`` naming: that conversion covers Linear layers only, and a
-    file mixing both namings (conv LoRA) does not load back.
+    ``state``: the model's (trainable) tensors by parameter name, when they are not the model's own
+    (gathered from FSDP shards). Not converted to the older ``lora.down`` naming: that conversion
+    covers Linear layers only, and a file mixing both namings (conv LoRA) does not load back.
     """
     from peft.utils import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(model)
+    return get_peft_model_state_dict(model, state_dict=state)
 
 
 def save_lora(
@@ -122,15 +123,19 @@ def save_lora(
     component: str,
     model: nn.Module,
     out_dir: str | os.PathLike,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` (diffusers format, ``{component}_lora_layers``)."""
+    """Write ``pytorch_lora_weights.safetensors`` (diffusers format, ``{component}_lora_layers``).
+
+    ``state``: see :func:`lora_state_dict`.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not hasattr(pipe_cls, "save_lora_weights"):
         raise ValueError(
             f"{pipe_cls.__name__} has no LoRA loader in diffusers; its LoRA cannot be saved in the diffusers format"
         )
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(model).items()}
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(model, state).items()}
     meta = model.peft_config["default"].to_dict()
     pipe_cls.save_lora_weights(
         out_dir,
@@ -140,16 +145,25 @@ def save_lora(
     return out_dir
 
 
-def save_extra(component: str, model: nn.Module, out_dir: str | os.PathLike, names: list[str]) -> Path:
-    """Write the parameters ``names`` of ``model`` to ``extra_modules.safetensors`` (keys ``component.name``)."""
+def save_extra(
+    component: str,
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    names: list[str],
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the parameters ``names`` of ``model`` to ``extra_modules.safetensors`` (keys ``component.name``).
+
+    ``tensors``: the values by parameter name when they are not the model's own (gathered FSDP shards).
+    """
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    params = dict(model.named_parameters())
-    tensors = {f"{component}.{n}": params[n].detach().to("cpu").contiguous() for n in names}
+    params = tensors if tensors is not None else dict(model.named_parameters())
+    out = {f"{component}.{n}": params[n].detach().to("cpu").contiguous() for n in names}
     meta = {"format": "pt", "component": component, "names": json.dumps(names)}
-    save_file(tensors, str(out_dir / EXTRA_FILE), metadata=meta)
+    save_file(out, str(out_dir / EXTRA_FILE), metadata=meta)
     return out_dir / EXTRA_FILE
 
 

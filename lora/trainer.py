@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import adapters, checkpoints
+from . import adapters, checkpoints, sharding
 from .data import DataError, build_dataset, collate, parse_buckets
 from .models import Family, family_for
 from .objectives import objective_from_scheduler
@@ -234,22 +234,6 @@ def _atomic_text(path: Path, text: str) -> None:
         raise
 
 
-# accelerate's sharded modes shard parameters and optimizer state across processes; checkpoints here
-# are written by the main process from its own copy, which under sharding is a shard
-_SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
-
-
-def _check_distributed_type(kind: str) -> None:
-    """Refuse sharded training before any step runs, rather than writing checkpoints of one shard."""
-    if kind in _SHARDED:
-        raise NotImplementedError(
-            f"accelerate is configured for {kind}; diffattn's trainer writes checkpoints and LoRA weights "
-            "from the main process's full copy of the trainable weights, which sharding would cut to one "
-            "shard. Use data parallel (DDP: `accelerate launch --multi_gpu` or `torchrun`): LoRA and "
-            "adapter weights are small, so every process holds them whole."
-        )
-
-
 class Trainer:
     """Builds everything from a :class:`TrainConfig`; :meth:`train` runs it."""
 
@@ -291,7 +275,11 @@ class Trainer:
             gradient_accumulation_steps=cfg.grad_accum,
             cpu=cfg.cpu,
         )
-        _check_distributed_type(self.accelerator.distributed_type.name)
+        kind = self.accelerator.distributed_type.name
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        sharding.check_supported(kind, getattr(plugin, "fsdp_version", None))
+        # FSDP2: parameters are DTensor shards; every process joins gathers and sharded forwards
+        self.sharded = kind == "FSDP"
         if self.resume_from is not None:
             self._check_resume(checkpoints.read_state(self.resume_from))
         groups = self.dataset.groups() if hasattr(self.dataset, "groups") else None
@@ -422,6 +410,9 @@ class Trainer:
         )
         model.train()
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        # FSDP2 replaces every parameter by a DTensor shard (accelerate re-points the optimizer at them)
+        named = dict(model.named_parameters())
+        self.params = [named[n] for n in self.param_names]
         self.ema = None
         if cfg.ema:
             from diffusers.training_utils import EMAModel
@@ -479,6 +470,7 @@ class Trainer:
                     losses.append(float(self.loss_on(model, batch, 0, fixed=True)))
         finally:
             model.train(was)
+            sharding.reshard(model)
         return float(np.mean(losses))
 
     # ---------------------------------------------------------------- checkpoints
@@ -490,6 +482,7 @@ class Trainer:
             "batch_size": self.cfg.batch_size,
             "grad_accum": self.cfg.grad_accum,
             "num_processes": self.accelerator.num_processes,
+            "distributed_type": self.accelerator.distributed_type.name,
             "denoiser": type(self.family.denoiser).__name__,
             "fixed_loss_start": self._fixed_start,
         }
@@ -497,19 +490,20 @@ class Trainer:
     def save_checkpoint(self, step: int) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        if self.sharded or acc.is_main_process:  # gathering shards is a collective
+            named = dict(self.family.denoiser.named_parameters())
+            tensors = sharding.full_parameters(named, self.param_names)
+            optimizer = sharding.full_optimizer_state(self.optimizer)
+            ema = sharding.full_ema_state(self.ema) if self.ema is not None else None
         if acc.is_main_process:
             from safetensors.torch import save_file
 
             def write(folder: Path) -> None:
-                named = dict(self.family.denoiser.named_parameters())
-                save_file(
-                    {n: named[n].detach().cpu().contiguous() for n in self.param_names},
-                    str(folder / "trainable.safetensors"),
-                )
-                torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+                save_file(tensors, str(folder / "trainable.safetensors"))
+                torch.save(optimizer, folder / "optimizer.pt")
                 torch.save(self.lr_scheduler.state_dict(), folder / "lr_scheduler.pt")
-                if self.ema is not None:
-                    torch.save(self.ema.state_dict(), folder / "ema.pt")
+                if ema is not None:
+                    torch.save(ema, folder / "ema.pt")
                 if acc.scaler is not None:
                     torch.save(acc.scaler.state_dict(), folder / "scaler.pt")
 
@@ -528,21 +522,20 @@ class Trainer:
             raise ValueError(
                 f"checkpoint {str(path)!r} lacks {len(missing)} trainable weights (e.g. {missing[0]}); was it made with other options?"
             )
-        with torch.no_grad():
-            for n in self.param_names:
-                if named[n].shape != tensors[n].shape:
-                    raise ValueError(
-                        f"checkpoint {str(path)!r}: {n} has shape {tuple(tensors[n].shape)}, the model {tuple(named[n].shape)}"
-                    )
-                named[n].copy_(tensors[n])
-        self.optimizer.load_state_dict(
-            torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        for n in self.param_names:
+            if named[n].shape != tensors[n].shape:
+                raise ValueError(
+                    f"checkpoint {str(path)!r}: {n} has shape {tuple(tensors[n].shape)}, the model {tuple(named[n].shape)}"
+                )
+        sharding.load_parameters(named, {n: tensors[n] for n in self.param_names})
+        sharding.load_optimizer_state(
+            self.optimizer, torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
         )
         self.lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=False))
         if self.ema is not None:
             if not (path / "ema.pt").is_file():
                 raise ValueError(f"--ema is on but checkpoint {str(path)!r} has no EMA state")
-            self.ema.load_state_dict(torch.load(path / "ema.pt", weights_only=False))
+            sharding.load_ema_state(self.ema, torch.load(path / "ema.pt", weights_only=False), self.params)
         if self.accelerator.scaler is not None and (path / "scaler.pt").is_file():
             self.accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
         return int(checkpoints.read_state(path)["step"])
@@ -613,6 +606,9 @@ class Trainer:
                     outs.append(self.pipe(**{**call, "prompt": prompt, "generator": generator}))
         finally:
             model.train()
+            sharding.reshard(model)
+        if not self.accelerator.is_main_process:  # an FSDP process that joined the sharded forwards
+            return []
         folder = self.output / "samples"
         if getattr(outs[0], "frames", None) is not None:
             names = (
@@ -645,8 +641,10 @@ class Trainer:
             if start:
                 self._trim_log(start)
             self._tb = _tensorboard(self.output / "logs")
+        # under FSDP the forward passes are collective: every process evaluates, the main one writes
+        evaluates = self.sharded or acc.is_main_process
         if start == 0:
-            self._fixed_start = self.fixed_loss() if acc.is_main_process else None
+            self._fixed_start = self.fixed_loss() if evaluates else None
         fixed_start = self._fixed_start
         loader = torch.utils.data.DataLoader(
             _StepData(self.dataset, self.schedule, cfg.seed, acc.process_index, start, cfg.max_steps),
@@ -701,16 +699,18 @@ class Trainer:
                 )
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
                 self.save_checkpoint(done)
-            if cfg.validation_every and done % cfg.validation_every == 0 and acc.is_main_process:
+            if cfg.validation_every and done % cfg.validation_every == 0 and evaluates:
                 self.validate(done)
         bar.close()
         acc.wait_for_everyone()
         fixed_end = None
-        if acc.is_main_process:
+        if evaluates:
             if self.ema is not None:
                 self.ema.copy_to(self.params)  # the saved LoRA is the EMA of the weights
             fixed_end = self.fixed_loss()
-            self.save_final(cfg.max_steps, loss_value, fixed_start, fixed_end)
+            full = self._full_state() if self.sharded else None
+        if acc.is_main_process:
+            self.save_final(cfg.max_steps, loss_value, fixed_start, fixed_end, full)
             if self._tb is not None:
                 self._tb.close()
         acc.wait_for_everyone()
@@ -719,18 +719,35 @@ class Trainer:
             push_to_hub(self.output, cfg.push_to_hub)
         return result
 
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        """The denoiser's whole state as full CPU tensors: the trainable weights, and with
+        ``--save-pipeline`` the frozen ones too (a collective under FSDP: every process calls it)."""
+        model = self.family.denoiser
+        if self.cfg.save_pipeline:
+            return {n: sharding.full_tensor(t) for n, t in model.state_dict().items()}
+        return sharding.full_parameters(dict(model.named_parameters()), self.param_names)
+
     def save_final(
-        self, steps: int, loss: float | None, fixed_start: float | None, fixed_end: float | None
+        self,
+        steps: int,
+        loss: float | None,
+        fixed_start: float | None,
+        fixed_end: float | None,
+        full: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """LoRA (diffusers format), extra modules and the model card, each file renamed into place."""
+        """LoRA (diffusers format), extra modules and the model card, each file renamed into place.
+
+        ``full``: the denoiser's gathered state when its parameters are FSDP shards (else read from it).
+        """
         from .card import model_card
 
         tmp = Path(tempfile.mkdtemp(dir=self.output, prefix=".tmp-final-"))
         try:
+            model = self.family.denoiser
             if self.has_lora:
-                adapters.save_lora(type(self.pipe), self.family.lora_component, self.family.denoiser, tmp)
+                adapters.save_lora(type(self.pipe), self.family.lora_component, model, tmp, state=full)
             if self.extra:
-                adapters.save_extra(self.family.component, self.family.denoiser, tmp, self.extra)
+                adapters.save_extra(self.family.component, model, tmp, self.extra, tensors=full)
             metrics = {
                 "final_train_loss": loss,
                 "fixed_set_loss_start": fixed_start,
@@ -740,7 +757,7 @@ class Trainer:
                 model_card(self.cfg, self.family, len(self.dataset), steps, metrics)
             )
             if self.cfg.save_pipeline:
-                self.save_pipeline(tmp / PIPELINE_DIR)
+                self.save_pipeline(tmp / PIPELINE_DIR, full)
             for f in tmp.iterdir():
                 if f.is_dir():  # a folder cannot be os.replace'd over a non-empty one: move the old aside
                     _replace_folder(f, self.output / f.name)
@@ -749,9 +766,19 @@ class Trainer:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def save_pipeline(self, folder: Path) -> Path:
-        """The whole pipeline with the trained denoiser (``save_pretrained``, safetensors) into ``folder``."""
-        self.pipe.save_pretrained(folder, safe_serialization=True)
+    def save_pipeline(self, folder: Path, full: dict[str, torch.Tensor] | None = None) -> Path:
+        """The whole pipeline with the trained denoiser (``save_pretrained``, safetensors) into ``folder``.
+
+        With ``full`` (the gathered state of a sharded denoiser) the denoiser saved is a fresh copy from
+        its config holding those tensors; the sharded one cannot be serialized by one process.
+        """
+        pipe = self.pipe
+        if full is not None:
+            model = self.family.denoiser
+            fresh = type(model).from_config(model.config)
+            fresh.load_state_dict(full, strict=True)
+            pipe = type(pipe)(**{**pipe.components, self.family.component: fresh})
+        pipe.save_pretrained(folder, safe_serialization=True)
         return folder
 
 

@@ -562,11 +562,14 @@ def test_wan_i2v_trains_with_the_pipelines_first_frame_conditioning(tmp_path):
     assert any("lora_A" in n for n, _ in fresh.transformer.named_parameters())
 
 
-def test_sharded_accelerate_modes_are_refused_with_the_alternative():
-    from diffattn.lora.trainer import _check_distributed_type
+def test_sharded_modes_other_than_fsdp2_are_refused_with_the_alternative():
+    from diffattn.lora.sharding import check_supported
 
     for kind in ("NO", "MULTI_CPU", "MULTI_GPU"):
-        _check_distributed_type(kind)
-    for kind in ("FSDP", "DEEPSPEED"):
-        with pytest.raises(NotImplementedError, match=f"configured for {kind}.*DDP"):
-            _check_distributed_type(kind)
+        check_supported(kind, None)
+    check_supported("FSDP", 2)
+    with pytest.raises(NotImplementedError, match="FSDP version 1.*fsdp_version: 2"):
+        check_supported("FSDP", 1)
+    for kind in ("DEEPSPEED", "MEGATRON_LM"):
+        with pytest.raises(NotImplementedError, match=f"configured for {kind}.*FSDP2.*DDP"):
+            check_supported(kind, None)

@@ -19,6 +19,8 @@ from diffattn.lora.trainer import TrainConfig, Trainer
 from safetensors.torch import load_file
 from test_lora_helpers import one_thread, write_images  # noqa: F401 (autouse fixture)
 
+from diffattn import zoo
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 COMMON = [
     "image",
@@ -143,3 +145,80 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tmp_path):
     diff = _max_diff(tmp_path / "full", out)
     print(f"resumed vs uninterrupted: max |dW| = {diff:.3e}")
     assert diff == 0.0
+
+
+# ---------------------------------------------------------------- FSDP2 (sharded) on CPU
+def _fsdp_run(args: list[str]) -> str:
+    """2 processes under FSDP2 (``tests/fsdp_on_cpu.py``); returns stderr, checked for the DTensor layout."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    helper = str(Path(__file__).with_name("fsdp_on_cpu.py"))
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", helper, *COMMON, *args]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("fsdp_on_cpu: FSDP, trainable ['DTensor']") == 2, res.stderr[-2000:]
+    return res.stderr
+
+
+def _copy_checkpoint(src: Path, step: str, dst: Path) -> None:
+    shutil.copytree(src / "checkpoints" / step, dst / "checkpoints" / step)
+
+
+def test_fsdp2_matches_one_process_and_its_checkpoints_resume_anywhere(tmp_path):
+    """FSDP2 shards every trainable weight (and its AdamW and EMA state) over 2 processes; the LoRA,
+    the samples and the checkpoints come out whole, equal to one process with twice the accumulation,
+    and a checkpoint of either layout resumes in the other."""
+    import json
+
+    data = write_images(tmp_path / "data", n=8)
+    run = ["--data", str(data), "--max-steps", "4", "--batch-size", "1", "--eval-samples", "2"]
+    run += ["--learning-rate", "1e-3", "--ema", "--checkpoint-every", "2"]
+    _run([*run, "--grad-accum", "4", "--output", str(tmp_path / "one")])
+    _fsdp_run([*run, "--grad-accum", "2", "--validation-every", "2", "--output", str(tmp_path / "fsdp")])
+
+    ck = tmp_path / "fsdp" / "checkpoints" / "step-000002"
+    assert json.loads((ck / "state.json").read_text())["distributed_type"] == "FSDP"
+    a, b = (load_file(str(tmp_path / r / "checkpoints/step-000002/trainable.safetensors")) for r in ("one", "fsdp"))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # whole tensors, not shards
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert (tmp_path / "fsdp" / "samples" / "step-000004.png").is_file()
+    diff = _max_diff(tmp_path / "one", tmp_path / "fsdp")
+    print(f"1 process x accum 4 vs FSDP2 2 processes x accum 2: max |dW| = {diff:.3e}")
+    assert diff <= 1e-5, diff
+
+    # the FSDP checkpoint resumed by one process, and one process's checkpoint resumed under FSDP
+    _copy_checkpoint(tmp_path / "fsdp", "step-000002", tmp_path / "to_one")
+    _run([*run, "--grad-accum", "4", "--output", str(tmp_path / "to_one"), "--resume", "latest"])
+    _copy_checkpoint(tmp_path / "one", "step-000002", tmp_path / "to_fsdp")
+    _fsdp_run([*run, "--grad-accum", "2", "--output", str(tmp_path / "to_fsdp"), "--resume", "latest"])
+    for name in ("to_one", "to_fsdp"):
+        diff = _max_diff(tmp_path / "one", tmp_path / name)
+        print(f"uninterrupted vs resumed across layouts ({name}): max |dW| = {diff:.3e}")
+        assert diff <= 1e-5, (name, diff)
+
+
+def test_fsdp2_full_training_saves_a_whole_pipeline(tmp_path):
+    """Recipe ``full`` (every weight trains, ``--save-pipeline``) under FSDP2: the saved UNet is whole
+    and equals one process's."""
+    from safetensors.torch import load_file as load
+
+    data = write_images(tmp_path / "data", n=4)
+    run = ["--data", str(data), "--max-steps", "2", "--batch-size", "1", "--eval-samples", "0"]
+    run += ["--learning-rate", "1e-3"]
+    common = COMMON[1:]  # the same options with recipe "full"
+    one = [sys.executable, "-m", "diffattn.lora", "full", *common, *run, "--grad-accum", "2"]
+    res = subprocess.run([*one, "--output", str(tmp_path / "one")], env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    helper = str(Path(__file__).with_name("fsdp_on_cpu.py"))
+    two = [torchrun, "--standalone", "--nproc_per_node", "2", helper, "full", *common, *run]
+    res = subprocess.run([*two, "--output", str(tmp_path / "fsdp")], env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "trainable ['DTensor']" in res.stderr
+    unet = "pipeline/unet/diffusion_pytorch_model.safetensors"
+    a, b = load(str(tmp_path / "one" / unet)), load(str(tmp_path / "fsdp" / unet))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"full training, 1 process vs FSDP2: max |dW| = {diff:.3e}")
+    assert diff <= 1e-5, diff
+    init = zoo.load("sd").unet.state_dict()
+    assert max(float((b[k] - init[k]).abs().max()) for k in b) > 1e-4  # trained, not the initial weights

@@ -1,0 +1,155 @@
+"""Trainable state across sharded data parallel (FSDP2 through ``accelerate launch``).
+
+Under FSDP2 every parameter is a ``DTensor`` holding one shard per process, and so is every optimizer
+and EMA state tensor derived from it. Checkpoints and saved results here are always *full* tensors in
+the plain single-process layout, so a checkpoint written by 8 sharded processes resumes on 1 process or
+under DDP and back. Gathering a shard (``full_tensor``) is a collective: every process must call these
+functions in the same order, while only the main process writes files. Without sharding they are
+plain copies and need no other process.
+
+Scattering back uses ``distribute_tensor(..., src_data_rank=None)``: every process loaded the same full
+tensor from disk, so each takes its own shard without communicating.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+# accelerate's distributed types that shard parameters; only FSDP version 2 is supported here
+SHARDED_KINDS = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    return DTensor
+
+
+def is_sharded(t: Any) -> bool:
+    dt = _dtensor_type()
+    return dt is not None and isinstance(t, dt)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on CPU (a collective when ``t`` is sharded)."""
+    t = t.detach()
+    if is_sharded(t):
+        t = t.full_tensor()
+    return t.to("cpu").contiguous()
+
+
+def like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``value`` (a full tensor) laid out like ``ref``: this process's shard when ``ref`` is sharded."""
+    value = value.to(device=ref.device, dtype=ref.dtype)
+    if is_sharded(ref):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value, ref.device_mesh, ref.placements, src_data_rank=None)
+    return value
+
+
+def full_parameters(named: dict[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """``{name: full CPU tensor}`` for ``names``, gathered in the order given."""
+    return {n: full_tensor(named[n]) for n in names}
+
+
+def load_parameters(named: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors into (possibly sharded) parameters of the same names and shapes."""
+    with torch.no_grad():
+        for n, value in tensors.items():
+            named[n].copy_(like(value, named[n]))
+
+
+def _map_state(state: dict[Any, dict[str, Any]], fn: Any) -> dict[Any, dict[str, Any]]:
+    # sorted keys: every process gathers the same tensors in the same order
+    return {k: {s: fn(k, v) for s, v in sorted(state[k].items())} for k in sorted(state)}
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with every sharded state tensor gathered (torch's index-keyed layout)."""
+    sd = optimizer.state_dict()
+    sd["state"] = _map_state(sd["state"], lambda _k, v: full_tensor(v) if is_sharded(v) else v)
+    return sd
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+    """Load a full (index-keyed) optimizer state; per-parameter tensors are sharded like their parameter."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def shard(k: int, v: Any) -> Any:
+        ref = params[k]
+        if is_sharded(ref) and torch.is_tensor(v) and tuple(v.shape) == tuple(ref.shape):
+            return like(v.to(ref.dtype if v.is_floating_point() else v.dtype), ref)
+        return v
+
+    sd = {**sd, "state": _map_state(sd["state"], shard)}
+    optimizer.load_state_dict(sd)
+
+
+def full_ema_state(ema: Any) -> dict[str, Any]:
+    """diffusers ``EMAModel.state_dict()`` with the shadow parameters gathered."""
+    sd = ema.state_dict()
+    sd["shadow_params"] = [full_tensor(t) for t in sd["shadow_params"]]
+    return sd
+
+
+def load_ema_state(ema: Any, sd: dict[str, Any], params: list[torch.Tensor]) -> None:
+    """Load a full EMA state; the shadow parameters are then sharded like ``params``."""
+    ema.load_state_dict(sd)
+    ema.shadow_params = [like(s, p) for s, p in zip(ema.shadow_params, params)]
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Put FSDP2 modules back to their shards after forward passes without a backward.
+
+    FSDP2 leaves the root module unsharded after a forward (its backward would reshard it), and an
+    unsharded module exposes its gathered full parameters, not the DTensor shards the optimizer, EMA and
+    checkpoints work on: after an evaluation, a write to the shards would not reach the next forward.
+    No-op without FSDP.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def check_supported(kind: str, fsdp_version: int | None) -> None:
+    """Refuse the sharded modes this trainer cannot checkpoint, before any step runs."""
+    if kind == "FSDP" and fsdp_version == 2:
+        return
+    if kind == "FSDP":
+        raise NotImplementedError(
+            f"accelerate is configured for FSDP version {fsdp_version}; diffattn's trainer supports FSDP2 "
+            "(set `fsdp_version: 2` in the accelerate config, or `accelerate launch --fsdp_version 2`), "
+            "whose DTensor parameters it gathers into full checkpoints"
+        )
+    if kind in SHARDED_KINDS:
+        raise NotImplementedError(
+            f"accelerate is configured for {kind}; diffattn's trainer checkpoints sharded training through "
+            "FSDP2 only (`accelerate launch --use_fsdp --fsdp_version 2`). Data parallel (DDP: "
+            "`accelerate launch --multi_gpu` or `torchrun`) needs no sharding for LoRA and adapters: their "
+            "weights are small, so every process holds them whole."
+        )
+
+
+__all__ = [
+    "check_supported",
+    "full_ema_state",
+    "full_optimizer_state",
+    "full_parameters",
+    "full_tensor",
+    "is_sharded",
+    "like",
+    "load_ema_state",
+    "load_optimizer_state",
+    "load_parameters",
+    "reshard",
+]
