@@ -56,28 +56,53 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def staging_dir(output: str | os.PathLike, step: int) -> Path:
+    """The temp folder of step ``step`` when several processes write into it (a name all can derive)."""
+    return checkpoint_dir(output) / f".tmp-{_PREFIX}{step:06d}-shared"
+
+
+def _clear_stale(root: Path, keep: Path | None = None) -> None:
+    for stale in root.glob(".tmp-*"):  # left by a run killed mid-save
+        if stale != keep:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def begin_staging(staging: Path) -> None:
+    """Create an empty shared temp folder (main process, before the others write into it)."""
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale(staging.parent)
+    staging.mkdir()
+
+
 def write_checkpoint(
-    output: str | os.PathLike, step: int, write: Any, state: dict[str, Any], total_limit: int | None = None
+    output: str | os.PathLike,
+    step: int,
+    write: Any,
+    state: dict[str, Any],
+    total_limit: int | None = None,
+    staging: Path | None = None,
 ) -> Path:
     """Create ``checkpoints/step-{step}`` atomically.
 
     ``write(folder)`` writes the tensors into the temp folder; ``state`` goes to ``state.json`` last.
-    Older checkpoints beyond ``total_limit`` are removed only after the new one is in place.
+    ``staging``: a temp folder from :func:`begin_staging` that other processes have already written into
+    (else a private one is made). Older checkpoints beyond ``total_limit`` are removed only after the
+    new one is in place.
     """
     root = checkpoint_dir(output)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by a run killed mid-save
-        shutil.rmtree(stale, ignore_errors=True)
+    _clear_stale(root, keep=staging)
     final = root / f"{_PREFIX}{step:06d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}-{time.time_ns()}"
-    tmp.mkdir()
+    tmp = staging if staging is not None else root / f".tmp-{final.name}-{os.getpid()}-{time.time_ns()}"
+    tmp.mkdir(exist_ok=staging is not None)
     try:
         write(tmp)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        for folder, _, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(folder, name), "rb") as fh:
+                    os.fsync(fh.fileno())
+            _fsync_dir(Path(folder))
         if final.exists():  # the same step saved by an earlier run: move it aside, never half-replace it
             old = root / f".tmp-old-{final.name}-{time.time_ns()}"
             os.rename(final, old)

@@ -121,9 +121,11 @@ def reshard(model: torch.nn.Module) -> None:
             module.reshard()
 
 
-def check_supported(kind: str, fsdp_version: int | None) -> None:
+def check_supported(kind: str, fsdp_version: int | None = None, zero_stage: int | None = None) -> None:
     """Refuse the sharded modes this trainer cannot checkpoint, before any step runs."""
     if kind == "FSDP" and fsdp_version == 2:
+        return
+    if kind == "DEEPSPEED" and zero_stage in (0, 1, 2):
         return
     if kind == "FSDP":
         raise NotImplementedError(
@@ -131,17 +133,68 @@ def check_supported(kind: str, fsdp_version: int | None) -> None:
             "(set `fsdp_version: 2` in the accelerate config, or `accelerate launch --fsdp_version 2`), "
             "whose DTensor parameters it gathers into full checkpoints"
         )
+    if kind == "DEEPSPEED":
+        raise NotImplementedError(
+            f"accelerate is configured for DeepSpeed ZeRO stage {zero_stage}; diffattn's trainer supports "
+            "stages 0-2 (optimizer state and gradients sharded, weights whole on every process). To shard "
+            "the weights too, use FSDP2: `accelerate launch --use_fsdp --fsdp_version 2`"
+        )
     if kind in SHARDED_KINDS:
         raise NotImplementedError(
-            f"accelerate is configured for {kind}; diffattn's trainer checkpoints sharded training through "
-            "FSDP2 only (`accelerate launch --use_fsdp --fsdp_version 2`). Data parallel (DDP: "
-            "`accelerate launch --multi_gpu` or `torchrun`) needs no sharding for LoRA and adapters: their "
-            "weights are small, so every process holds them whole."
+            f"accelerate is configured for {kind}; diffattn's trainer supports FSDP2 "
+            "(`accelerate launch --use_fsdp --fsdp_version 2`), DeepSpeed ZeRO 0-2 and data parallel "
+            "(DDP: `accelerate launch --multi_gpu` or `torchrun`)"
         )
+
+
+def configure_deepspeed(config: dict[str, Any], batch_size: int, grad_accum: int, processes: int, clip: float) -> None:
+    """Fill the DeepSpeed config's batch and clipping entries from the run's options.
+
+    The trainer hands accelerate no data loader (it schedules micro-batches itself), so these cannot be
+    inferred; a value the user's DeepSpeed config sets explicitly must agree with the options.
+    """
+    wanted = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": batch_size * grad_accum * processes,
+        "gradient_clipping": float(clip),
+    }
+    option = {
+        "train_micro_batch_size_per_gpu": "--batch-size",
+        "gradient_accumulation_steps": "--grad-accum",
+        "train_batch_size": "--batch-size x --grad-accum x processes",
+        "gradient_clipping": "--max-grad-norm",
+    }
+    for key, value in wanted.items():
+        have = config.get(key, "auto")
+        if have == "auto":
+            config[key] = value
+        elif float(have) != float(value):
+            raise ValueError(
+                f"the DeepSpeed config sets {key}={have} but {option[key]} gives {value}; set it to "
+                f'"auto" (or to {value}) in the DeepSpeed config'
+            )
+
+
+def deepspeed_full_parameters(named: dict[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The fp32 master weights ZeRO keeps in optimizer partitions, gathered whole (a collective).
+
+    Under ZeRO the module's own weights are the low-precision copies (bf16 with ``--mixed-precision
+    bf16``); the checkpoints and the saved LoRA take the fp32 masters.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for n in names:
+        full = safe_get_full_fp32_param(named[n])
+        out[n] = (full if full is not None else named[n]).detach().to("cpu", torch.float32).contiguous()
+    return out
 
 
 __all__ = [
     "check_supported",
+    "configure_deepspeed",
+    "deepspeed_full_parameters",
     "full_ema_state",
     "full_optimizer_state",
     "full_parameters",

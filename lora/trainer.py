@@ -275,11 +275,25 @@ class Trainer:
             gradient_accumulation_steps=cfg.grad_accum,
             cpu=cfg.cpu,
         )
+        state = self.accelerator.state
         kind = self.accelerator.distributed_type.name
-        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-        sharding.check_supported(kind, getattr(plugin, "fsdp_version", None))
+        fsdp = getattr(state, "fsdp_plugin", None)
+        ds = getattr(state, "deepspeed_plugin", None) if kind == "DEEPSPEED" else None
+        zero = ds.deepspeed_config.get("zero_optimization", {}).get("stage") if ds is not None else None
+        sharding.check_supported(kind, getattr(fsdp, "fsdp_version", None), zero)
         # FSDP2: parameters are DTensor shards; every process joins gathers and sharded forwards
         self.sharded = kind == "FSDP"
+        # DeepSpeed ZeRO 0-2: weights whole everywhere, the fp32 masters and Adam state in partitions
+        self.deepspeed = kind == "DEEPSPEED"
+        if self.deepspeed:
+            if cfg.ema and cfg.mixed_precision != "no":
+                raise ValueError(
+                    "--ema under DeepSpeed needs --mixed-precision no: DeepSpeed keeps the module's weights "
+                    "in bf16/fp16, too coarse for an average of small updates (or use FSDP2 or DDP)"
+                )
+            sharding.configure_deepspeed(
+                ds.deepspeed_config, cfg.batch_size, cfg.grad_accum, self.accelerator.num_processes, cfg.max_grad_norm
+            )
         if self.resume_from is not None:
             self._check_resume(checkpoints.read_state(self.resume_from))
         groups = self.dataset.groups() if hasattr(self.dataset, "groups") else None
@@ -490,17 +504,28 @@ class Trainer:
     def save_checkpoint(self, step: int) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
-        if self.sharded or acc.is_main_process:  # gathering shards is a collective
-            named = dict(self.family.denoiser.named_parameters())
-            tensors = sharding.full_parameters(named, self.param_names)
-            optimizer = sharding.full_optimizer_state(self.optimizer)
+        if self.sharded or self.deepspeed or acc.is_main_process:  # gathering shards is a collective
+            tensors = self._full_trainable()
+            # DeepSpeed's partitioned optimizer is saved by DeepSpeed itself (below)
+            optimizer = None if self.deepspeed else sharding.full_optimizer_state(self.optimizer)
             ema = sharding.full_ema_state(self.ema) if self.ema is not None else None
+        staging = None
+        if self.deepspeed:  # every process writes its optimizer partition into the one staging folder
+            staging = checkpoints.staging_dir(self.output, step)
+            if acc.is_main_process:
+                checkpoints.begin_staging(staging)
+            acc.wait_for_everyone()
+            self.model.save_checkpoint(
+                str(staging / DEEPSPEED_DIR), tag="zero", save_latest=False, exclude_frozen_parameters=True
+            )
+            acc.wait_for_everyone()
         if acc.is_main_process:
             from safetensors.torch import save_file
 
             def write(folder: Path) -> None:
                 save_file(tensors, str(folder / "trainable.safetensors"))
-                torch.save(optimizer, folder / "optimizer.pt")
+                if optimizer is not None:
+                    torch.save(optimizer, folder / "optimizer.pt")
                 torch.save(self.lr_scheduler.state_dict(), folder / "lr_scheduler.pt")
                 if ema is not None:
                     torch.save(ema, folder / "ema.pt")
@@ -508,13 +533,41 @@ class Trainer:
                     torch.save(acc.scaler.state_dict(), folder / "scaler.pt")
 
             checkpoints.write_checkpoint(
-                self.output, step, write, self._state(step), self.cfg.checkpoints_total_limit
+                self.output, step, write, self._state(step), self.cfg.checkpoints_total_limit, staging=staging
             )
         acc.wait_for_everyone()
+
+    def _full_trainable(self) -> dict[str, torch.Tensor]:
+        """The trainable weights, whole, on CPU (a collective under FSDP and DeepSpeed).
+
+        DeepSpeed without EMA: its fp32 masters; otherwise the parameters themselves (under DeepSpeed
+        with EMA they hold the EMA after ``copy_to``, and are fp32: EMA requires no mixed precision).
+        """
+        named = dict(self.family.denoiser.named_parameters())
+        if self.deepspeed:
+            return sharding.deepspeed_full_parameters(named, self.param_names)
+        return sharding.full_parameters(named, self.param_names)
 
     def load_checkpoint(self, path: Path) -> int:
         from safetensors.torch import load_file
 
+        state = checkpoints.read_state(path)
+        written = state.get("distributed_type")
+        if self.deepspeed or written == "DEEPSPEED":
+            n = self.accelerator.num_processes
+            if not (self.deepspeed and written == "DEEPSPEED" and state.get("num_processes") == n):
+                raise ValueError(
+                    f"checkpoint {str(path)!r} was written by {state.get('num_processes')} process(es) under "
+                    f"{written}; this run is {n} process(es) under {self.accelerator.distributed_type.name}. "
+                    "A DeepSpeed checkpoint keeps its optimizer in per-process partitions: resume it under "
+                    "DeepSpeed with the same process count (checkpoints of one process, DDP and FSDP2 resume "
+                    "in any of those layouts)"
+                )
+            self.model.load_checkpoint(
+                str(path / DEEPSPEED_DIR), tag="zero", load_module_strict=False, load_lr_scheduler_states=False
+            )
+            self._load_schedule_and_ema(path)
+            return int(state["step"])
         tensors = load_file(str(path / "trainable.safetensors"))
         named = dict(self.family.denoiser.named_parameters())
         missing = sorted(set(self.param_names) - set(tensors))
@@ -531,6 +584,10 @@ class Trainer:
         sharding.load_optimizer_state(
             self.optimizer, torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
         )
+        self._load_schedule_and_ema(path)
+        return int(state["step"])
+
+    def _load_schedule_and_ema(self, path: Path) -> None:
         self.lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=False))
         if self.ema is not None:
             if not (path / "ema.pt").is_file():
@@ -538,7 +595,6 @@ class Trainer:
             sharding.load_ema_state(self.ema, torch.load(path / "ema.pt", weights_only=False), self.params)
         if self.accelerator.scaler is not None and (path / "scaler.pt").is_file():
             self.accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
-        return int(checkpoints.read_state(path)["step"])
 
     # ---------------------------------------------------------------- logging, samples
     def _log_path(self) -> Path:
@@ -642,7 +698,8 @@ class Trainer:
                 self._trim_log(start)
             self._tb = _tensorboard(self.output / "logs")
         # under FSDP the forward passes are collective: every process evaluates, the main one writes
-        evaluates = self.sharded or acc.is_main_process
+        # (under DeepSpeed too, so that every process applies the EMA before the weights are gathered)
+        evaluates = self.sharded or self.deepspeed or acc.is_main_process
         if start == 0:
             self._fixed_start = self.fixed_loss() if evaluates else None
         fixed_start = self._fixed_start
@@ -708,7 +765,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.copy_to(self.params)  # the saved LoRA is the EMA of the weights
             fixed_end = self.fixed_loss()
-            full = self._full_state() if self.sharded else None
+        full = self._full_state() if self.sharded or self.deepspeed else None
         if acc.is_main_process:
             self.save_final(cfg.max_steps, loss_value, fixed_start, fixed_end, full)
             if self._tb is not None:
@@ -721,11 +778,15 @@ class Trainer:
 
     def _full_state(self) -> dict[str, torch.Tensor]:
         """The denoiser's whole state as full CPU tensors: the trainable weights, and with
-        ``--save-pipeline`` the frozen ones too (a collective under FSDP: every process calls it)."""
+        ``--save-pipeline`` the frozen ones too (a collective under FSDP and DeepSpeed)."""
         model = self.family.denoiser
+        if self.deepspeed and self.ema is not None:  # the EMA was copied into the (whole) parameters
+            trainable = sharding.full_parameters(dict(model.named_parameters()), self.param_names)
+        else:
+            trainable = self._full_trainable()
         if self.cfg.save_pipeline:
-            return {n: sharding.full_tensor(t) for n, t in model.state_dict().items()}
-        return sharding.full_parameters(dict(model.named_parameters()), self.param_names)
+            return {**{n: sharding.full_tensor(t) for n, t in model.state_dict().items()}, **trainable}
+        return trainable
 
     def save_final(
         self,
@@ -783,6 +844,7 @@ class Trainer:
 
 
 PIPELINE_DIR = "pipeline"  # --save-pipeline: output/pipeline/ loads with DiffusionPipeline.from_pretrained
+DEEPSPEED_DIR = "deepspeed"  # in a checkpoint: DeepSpeed's own files (the partitioned optimizer)
 
 
 def _replace_folder(src: Path, dst: Path) -> None:

@@ -570,6 +570,20 @@ def test_sharded_modes_other_than_fsdp2_are_refused_with_the_alternative():
     check_supported("FSDP", 2)
     with pytest.raises(NotImplementedError, match="FSDP version 1.*fsdp_version: 2"):
         check_supported("FSDP", 1)
-    for kind in ("DEEPSPEED", "MEGATRON_LM"):
-        with pytest.raises(NotImplementedError, match=f"configured for {kind}.*FSDP2.*DDP"):
-            check_supported(kind, None)
+    for stage in (0, 1, 2):
+        check_supported("DEEPSPEED", zero_stage=stage)
+    with pytest.raises(NotImplementedError, match="ZeRO stage 3.*stages 0-2.*FSDP2"):
+        check_supported("DEEPSPEED", zero_stage=3)
+    with pytest.raises(NotImplementedError, match="configured for MEGATRON_LM.*FSDP2.*DDP"):
+        check_supported("MEGATRON_LM")
+
+
+def test_deepspeed_config_is_filled_from_the_options_and_must_agree():
+    from diffattn.lora.sharding import configure_deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto", "zero_optimization": {}}
+    configure_deepspeed(config, batch_size=2, grad_accum=3, processes=4, clip=1.0)
+    assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 3
+    assert config["train_batch_size"] == 24 and config["gradient_clipping"] == 1.0
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=8 but --batch-size gives 2"):
+        configure_deepspeed({"train_micro_batch_size_per_gpu": 8}, batch_size=2, grad_accum=1, processes=1, clip=1.0)
