@@ -1,4 +1,4 @@
-"""Trainable state across sharded data parallel (FSDP2 through ``accelerate launch``).
+"""Trainable state across sharded data parallel (FSDP2 and DeepSpeed ZeRO through ``accelerate launch``).
 
 Under FSDP2 every parameter is a ``DTensor`` holding one shard per process, and so is every optimizer
 and EMA state tensor derived from it. Checkpoints and saved results here are always *full* tensors in
@@ -9,6 +9,11 @@ plain copies and need no other process.
 
 Scattering back uses ``distribute_tensor(..., src_data_rank=None)``: every process loaded the same full
 tensor from disk, so each takes its own shard without communicating.
+
+Under DeepSpeed ZeRO the fp32 master weights and Adam state live in the ZeRO optimizer's flat
+partitions (and at stage 3 the module's weights too). The whole fp32 weights are gathered with
+DeepSpeed's ``safe_get_full_fp32_param``; the optimizer state is saved and restored by DeepSpeed's own
+checkpoint files, so those checkpoints resume only under DeepSpeed with the same process count.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 
 import torch
 
-# accelerate's distributed types that shard parameters; only FSDP version 2 is supported here
+# accelerate's distributed types that shard parameters or optimizer state
 SHARDED_KINDS = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
@@ -125,7 +130,7 @@ def check_supported(kind: str, fsdp_version: int | None = None, zero_stage: int 
     """Refuse the sharded modes this trainer cannot checkpoint, before any step runs."""
     if kind == "FSDP" and fsdp_version == 2:
         return
-    if kind == "DEEPSPEED" and zero_stage in (0, 1, 2):
+    if kind == "DEEPSPEED" and zero_stage in (0, 1, 2, 3):
         return
     if kind == "FSDP":
         raise NotImplementedError(
@@ -135,14 +140,13 @@ def check_supported(kind: str, fsdp_version: int | None = None, zero_stage: int 
         )
     if kind == "DEEPSPEED":
         raise NotImplementedError(
-            f"accelerate is configured for DeepSpeed ZeRO stage {zero_stage}; diffattn's trainer supports "
-            "stages 0-2 (optimizer state and gradients sharded, weights whole on every process). To shard "
-            "the weights too, use FSDP2: `accelerate launch --use_fsdp --fsdp_version 2`"
+            f"accelerate is configured for DeepSpeed with zero_optimization.stage={zero_stage!r}; "
+            "diffattn's trainer supports ZeRO stages 0-3"
         )
     if kind in SHARDED_KINDS:
         raise NotImplementedError(
             f"accelerate is configured for {kind}; diffattn's trainer supports FSDP2 "
-            "(`accelerate launch --use_fsdp --fsdp_version 2`), DeepSpeed ZeRO 0-2 and data parallel "
+            "(`accelerate launch --use_fsdp --fsdp_version 2`), DeepSpeed ZeRO 0-3 and data parallel "
             "(DDP: `accelerate launch --multi_gpu` or `torchrun`)"
         )
 
@@ -176,6 +180,18 @@ def configure_deepspeed(config: dict[str, Any], batch_size: int, grad_accum: int
             )
 
 
+def gathered(model: torch.nn.Module, deepspeed: bool) -> Any:
+    """A context in which ZeRO-3's partitioned weights of ``model`` are whole (a collective);
+    a no-op otherwise (FSDP2 shards are gathered tensor by tensor with :func:`full_tensor`)."""
+    if not deepspeed:
+        import contextlib
+
+        return contextlib.nullcontext()
+    import deepspeed as ds
+
+    return ds.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
 def deepspeed_full_parameters(named: dict[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
     """The fp32 master weights ZeRO keeps in optimizer partitions, gathered whole (a collective).
 
@@ -199,6 +215,7 @@ __all__ = [
     "full_optimizer_state",
     "full_parameters",
     "full_tensor",
+    "gathered",
     "is_sharded",
     "like",
     "load_ema_state",

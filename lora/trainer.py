@@ -286,6 +286,11 @@ class Trainer:
         # DeepSpeed ZeRO 0-2: weights whole everywhere, the fp32 masters and Adam state in partitions
         self.deepspeed = kind == "DEEPSPEED"
         if self.deepspeed:
+            if cfg.ema and zero == 3:
+                raise ValueError(
+                    "--ema under DeepSpeed ZeRO-3: the weights are partitioned and there is no whole copy to "
+                    "average; use ZeRO-2 or FSDP2 (whose shards the EMA follows)"
+                )
             if cfg.ema and cfg.mixed_precision != "no":
                 raise ValueError(
                     "--ema under DeepSpeed needs --mixed-precision no: DeepSpeed keeps the module's weights "
@@ -785,7 +790,9 @@ class Trainer:
         else:
             trainable = self._full_trainable()
         if self.cfg.save_pipeline:
-            return {**{n: sharding.full_tensor(t) for n, t in model.state_dict().items()}, **trainable}
+            with sharding.gathered(model, self.deepspeed):
+                frozen = {n: sharding.full_tensor(t) for n, t in model.state_dict().items()}
+            return {**frozen, **trainable}
         return trainable
 
     def save_final(

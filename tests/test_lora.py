@@ -570,10 +570,10 @@ def test_sharded_modes_other_than_fsdp2_are_refused_with_the_alternative():
     check_supported("FSDP", 2)
     with pytest.raises(NotImplementedError, match="FSDP version 1.*fsdp_version: 2"):
         check_supported("FSDP", 1)
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         check_supported("DEEPSPEED", zero_stage=stage)
-    with pytest.raises(NotImplementedError, match="ZeRO stage 3.*stages 0-2.*FSDP2"):
-        check_supported("DEEPSPEED", zero_stage=3)
+    with pytest.raises(NotImplementedError, match="stage=None.*ZeRO stages 0-3"):
+        check_supported("DEEPSPEED", zero_stage=None)
     with pytest.raises(NotImplementedError, match="configured for MEGATRON_LM.*FSDP2.*DDP"):
         check_supported("MEGATRON_LM")
 

@@ -225,16 +225,14 @@ def test_fsdp2_full_training_saves_a_whole_pipeline(tmp_path):
 
 
 # ---------------------------------------------------------------- DeepSpeed ZeRO on CPU
-def _deepspeed_run(args: list[str], stage: int, expect_error: bool = False) -> str:
+def _deepspeed_run(args: list[str], stage: int, recipe: str = "image") -> str:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     helper = str(Path(__file__).with_name("deepspeed_on_cpu.py"))
     env = {**ENV, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)}
     # without --cpu: accelerate selects DeepSpeed only then (on a machine without GPUs it runs on CPU anyway)
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", helper, *(a for a in COMMON if a != "--cpu"), *args]
+    options = [a for a in COMMON[1:] if a != "--cpu"]
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", helper, recipe, *options, *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if expect_error:
-        assert res.returncode != 0
-        return res.stderr
     assert res.returncode == 0, res.stderr[-3000:]
     for rank in (0, 1):
         assert f"deepspeed_on_cpu: DEEPSPEED, rank {rank} of 2, engine DeepSpeedEngine" in res.stderr
@@ -244,7 +242,8 @@ def _deepspeed_run(args: list[str], stage: int, expect_error: bool = False) -> s
 def test_deepspeed_zero_matches_one_process_and_resumes(tmp_path):
     """DeepSpeed ZeRO-2 (and ZeRO-1 with EMA) on 2 processes: the same LoRA as one process with twice
     the accumulation; its checkpoint (DeepSpeed's partitioned optimizer inside our atomic folder)
-    resumes bit-identically under DeepSpeed and is refused, with the reason, by another layout.
+    resumes bit-identically under DeepSpeed and is refused, with the reason, by another layout. ZeRO-3
+    (weights partitioned too) with recipe ``full`` saves a whole pipeline equal to one process's.
     Skipped without deepspeed (``pip install --no-build-isolation deepspeed``)."""
     import json
 
@@ -281,4 +280,18 @@ def test_deepspeed_zero_matches_one_process_and_resumes(tmp_path):
     _deepspeed_run([*run, "--grad-accum", "2", "--ema", "--output", str(tmp_path / "zero1_ema")], stage=1)
     diff = _max_diff(tmp_path / "one_ema", tmp_path / "zero1_ema")
     print(f"with EMA, 1 process vs ZeRO-1: max |dW| = {diff:.3e}")
+    assert diff <= 1e-5, diff
+
+    full = ["--data", str(data), "--max-steps", "2", "--batch-size", "1", "--eval-samples", "2"]
+    full += ["--learning-rate", "1e-3", "--checkpoint-every", "1"]
+    cmd = [sys.executable, "-m", "diffattn.lora", "full", *COMMON[1:], *full, "--grad-accum", "2"]
+    res = subprocess.run([*cmd, "--output", str(tmp_path / "one_full")], env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    args = ["--output", str(tmp_path / "zero3_full")]
+    _deepspeed_run([*full, *args], stage=3, recipe="full")
+    unet = "pipeline/unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(tmp_path / "one_full" / unet)), load_file(str(tmp_path / "zero3_full" / unet))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # whole, not partitions
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"full training, 1 process vs ZeRO-3: max |dW| = {diff:.3e}")
     assert diff <= 1e-5, diff
