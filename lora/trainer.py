@@ -283,7 +283,7 @@ class Trainer:
         sharding.check_supported(kind, getattr(fsdp, "fsdp_version", None), zero)
         # FSDP2: parameters are DTensor shards; every process joins gathers and sharded forwards
         self.sharded = kind == "FSDP"
-        # DeepSpeed ZeRO 0-2: weights whole everywhere, the fp32 masters and Adam state in partitions
+        # DeepSpeed ZeRO: the fp32 masters and Adam state in partitions (stage 3: the weights too)
         self.deepspeed = kind == "DEEPSPEED"
         if self.deepspeed:
             if cfg.ema and zero == 3:
@@ -543,11 +543,8 @@ class Trainer:
         acc.wait_for_everyone()
 
     def _full_trainable(self) -> dict[str, torch.Tensor]:
-        """The trainable weights, whole, on CPU (a collective under FSDP and DeepSpeed).
-
-        DeepSpeed without EMA: its fp32 masters; otherwise the parameters themselves (under DeepSpeed
-        with EMA they hold the EMA after ``copy_to``, and are fp32: EMA requires no mixed precision).
-        """
+        """The trainable weights, whole, on CPU (a collective under FSDP and DeepSpeed); under
+        DeepSpeed the fp32 masters from its optimizer partitions, not the module's own copies."""
         named = dict(self.family.denoiser.named_parameters())
         if self.deepspeed:
             return sharding.deepspeed_full_parameters(named, self.param_names)
@@ -785,7 +782,9 @@ class Trainer:
         """The denoiser's whole state as full CPU tensors: the trainable weights, and with
         ``--save-pipeline`` the frozen ones too (a collective under FSDP and DeepSpeed)."""
         model = self.family.denoiser
-        if self.deepspeed and self.ema is not None:  # the EMA was copied into the (whole) parameters
+        # under DeepSpeed (ZeRO 0-2 with EMA) the EMA was copied into the whole module parameters, not
+        # into the masters
+        if self.deepspeed and self.ema is not None:
             trainable = sharding.full_parameters(dict(model.named_parameters()), self.param_names)
         else:
             trainable = self._full_trainable()
@@ -805,7 +804,7 @@ class Trainer:
     ) -> None:
         """LoRA (diffusers format), extra modules and the model card, each file renamed into place.
 
-        ``full``: the denoiser's gathered state when its parameters are FSDP shards (else read from it).
+        ``full``: the denoiser's gathered state under FSDP or DeepSpeed (else read from the model).
         """
         from .card import model_card
 
