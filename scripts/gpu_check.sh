@@ -10,6 +10,10 @@
 # Each step has its own time limit, so one slow step does not cost the others. Logs, JSON and PNG
 # go to OUT_DIR (default outputs/gpu_check). STEPS="test_cuda bench_agent" runs a subset; TEST_ARGS
 # is passed to pytest (e.g. "-k agent").
+# STEPS="mamba test_cuda" TEST_ARGS="-k scan" first builds mamba-ssm's selective-scan kernel from the
+# sdist in .whl/ for this GPU only (scripts/build_mamba_scan.py; needs nvcc; the build folder .build/
+# persists while the machine stays warm, so a timed-out build resumes on the next call) and puts it on
+# PYTHONPATH for the tests.
 set -u
 STEPS=${STEPS:-test_cuda bench_engine bench_radial bench_hilbert_local bench_agent}
 OUT_DIR=${1:-outputs/gpu_check}
@@ -17,7 +21,7 @@ mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
+  export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH  # /tmp/site/bin: ninja, for the mamba build
 fi
 if ! python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT_DIR/install.log" 2>&1; then
   # no wheel / old setuptools there: lay the installed package out by hand (pyproject's package-dir)
@@ -40,6 +44,19 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to OUT_DIR/NAME.log,
     | grep -v 'Warning\|warn(' | cut -c1-260 | tail -n 60
 }
 
+if [[ " $STEPS " == *" mamba "* ]]; then
+  mkdir -p .build
+  ls -d .build/mamba_ssm-*/ >/dev/null 2>&1 || tar xzf .whl/mamba_ssm-*.tar.gz -C .build || echo "no mamba-ssm sdist in .whl/"
+  MAMBA_SRC=$(ls -d .build/mamba_ssm-*/ 2>/dev/null | head -1)
+  if ! command -v nvcc >/dev/null; then
+    echo "== mamba: no nvcc on this machine: the kernel cannot be built here"
+  elif [ -n "$MAMBA_SRC" ]; then
+    step mamba "${MAMBA_LIMIT:-420}" python3 scripts/build_mamba_scan.py "$MAMBA_SRC" --build-dir .build/mamba_ext
+    grep -E 'built|imports|error' "$OUT_DIR/mamba.log" | tail -5
+    PYTHONPATH=$(python3 scripts/build_mamba_scan.py "$MAMBA_SRC" --build-dir .build/mamba_ext --print-path)${PYTHONPATH:+:$PYTHONPATH}
+    export PYTHONPATH
+  fi
+fi
 step test_cuda "${TEST_LIMIT:-240}" python3 -m pytest tests/test_cuda.py -q -s -p no:cacheprovider -W ignore ${TEST_ARGS:-}
 step bench_engine "${BENCH_LIMIT:-120}" python3 scripts/bench_engine.py --lengths 16384 32768 \
   --densities 0.07 0.15 0.3 0.45 1.0 --heads 12 --head-dim 128 --dtype bf16 --repeats 10 \
