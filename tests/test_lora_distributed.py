@@ -148,11 +148,15 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tmp_path):
 
 
 # ---------------------------------------------------------------- FSDP2 (sharded) on CPU
-def _fsdp_run(args: list[str]) -> str:
-    """2 processes under FSDP2 (``tests/fsdp_on_cpu.py``); returns stderr, checked for the DTensor layout."""
+def _two_processes(helper: str) -> list[str]:
+    """``torchrun`` with 2 processes on one of the launchers beside this file."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    helper = str(Path(__file__).with_name("fsdp_on_cpu.py"))
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", helper, *COMMON, *args]
+    return [torchrun, "--standalone", "--nproc_per_node", "2", str(Path(__file__).with_name(helper))]
+
+
+def _fsdp_run(args: list[str], recipe: str = "image") -> str:
+    """2 processes under FSDP2 (``tests/fsdp_on_cpu.py``); returns stderr, checked for the DTensor layout."""
+    cmd = [*_two_processes("fsdp_on_cpu.py"), recipe, *COMMON[1:], *args]
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stderr.count("fsdp_on_cpu: FSDP, trainable ['DTensor']") == 2, res.stderr[-2000:]
@@ -199,23 +203,15 @@ def test_fsdp2_matches_one_process_and_its_checkpoints_resume_anywhere(tmp_path)
 def test_fsdp2_full_training_saves_a_whole_pipeline(tmp_path):
     """Recipe ``full`` (every weight trains, ``--save-pipeline``) under FSDP2: the saved UNet is whole
     and equals one process's."""
-    from safetensors.torch import load_file as load
-
     data = write_images(tmp_path / "data", n=4)
     run = ["--data", str(data), "--max-steps", "2", "--batch-size", "1", "--eval-samples", "0"]
     run += ["--learning-rate", "1e-3"]
-    common = COMMON[1:]  # the same options with recipe "full"
-    one = [sys.executable, "-m", "diffattn.lora", "full", *common, *run, "--grad-accum", "2"]
+    one = [sys.executable, "-m", "diffattn.lora", "full", *COMMON[1:], *run, "--grad-accum", "2"]
     res = subprocess.run([*one, "--output", str(tmp_path / "one")], env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    helper = str(Path(__file__).with_name("fsdp_on_cpu.py"))
-    two = [torchrun, "--standalone", "--nproc_per_node", "2", helper, "full", *common, *run]
-    res = subprocess.run([*two, "--output", str(tmp_path / "fsdp")], env=ENV, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "trainable ['DTensor']" in res.stderr
+    _fsdp_run([*run, "--output", str(tmp_path / "fsdp")], recipe="full")
     unet = "pipeline/unet/diffusion_pytorch_model.safetensors"
-    a, b = load(str(tmp_path / "one" / unet)), load(str(tmp_path / "fsdp" / unet))
+    a, b = load_file(str(tmp_path / "one" / unet)), load_file(str(tmp_path / "fsdp" / unet))
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"full training, 1 process vs FSDP2: max |dW| = {diff:.3e}")
@@ -226,12 +222,10 @@ def test_fsdp2_full_training_saves_a_whole_pipeline(tmp_path):
 
 # ---------------------------------------------------------------- DeepSpeed ZeRO on CPU
 def _deepspeed_run(args: list[str], stage: int, recipe: str = "image") -> str:
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    helper = str(Path(__file__).with_name("deepspeed_on_cpu.py"))
     env = {**ENV, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)}
     # without --cpu: accelerate selects DeepSpeed only then (on a machine without GPUs it runs on CPU anyway)
     options = [a for a in COMMON[1:] if a != "--cpu"]
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", helper, recipe, *options, *args]
+    cmd = [*_two_processes("deepspeed_on_cpu.py"), recipe, *options, *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     for rank in (0, 1):
