@@ -8,10 +8,8 @@ from typing import Any
 import torch
 
 from . import registry
-from .benchmark import environment, measure_peak, save_figure, timeit, write_json
+from .benchmark import DTYPES, environment, measure_peak, save_figure, timeit, write_json
 from .ops import BlockMask, block_sparse_attention
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +79,7 @@ def run_bench(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n = grid[0] * grid[1] * grid[2] + n_text
     g = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(1, heads, n, head_dim, generator=g).to(device, _DTYPES[dtype]) for _ in range(3))
+    q, k, v = (torch.randn(1, heads, n, head_dim, generator=g).to(device, DTYPES[dtype]) for _ in range(3))
     rows = []
     with torch.no_grad():
         t_dense = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device, repeats)

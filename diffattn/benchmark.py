@@ -19,6 +19,9 @@ from typing import Any
 
 import torch
 
+# the --dtype choices of the CLI and the benchmark scripts
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 def sync(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":

@@ -78,8 +78,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import diffattn
 
+    from .benchmark import DTYPES
+
     options = parse_options(args.option)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     pipe = load_pipeline(args.model, dtype=dtype, device=args.device)
     call: dict[str, Any] = {}
     if args.model.startswith(ZOO_PREFIX):

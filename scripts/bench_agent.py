@@ -35,7 +35,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from tqdm import tqdm
 
 import diffattn
-from diffattn.benchmark import environment, save_figure, sync, write_json
+from diffattn.benchmark import DTYPES, environment, save_figure, sync, write_json
 from diffattn.processors.agent import DEFAULT_SCHEDULE, AgentAttnProcessor
 
 RATIO = 0.4  # ToMe ratio of both phases of the default AgentSD schedule; tomesd runs at the same ratio
@@ -244,7 +244,7 @@ def main() -> None:
 
     global DEVICE, DTYPE
     DEVICE = torch.device(args.device)
-    DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    DTYPE = DTYPES[args.dtype]
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA GPU here")
     env = environment()

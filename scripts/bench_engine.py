@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from diffattn.benchmark import environment, measure_peak, save_figure, timeit, write_json
+from diffattn.benchmark import DTYPES, environment, measure_peak, save_figure, timeit, write_json
 from diffattn.ops import BlockMask, block_sparse_attention, flex_backend, resolve_backend
 
 
@@ -63,7 +63,7 @@ def main() -> None:
     args = p.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     bs = args.block_size
     env = environment()
     print(f"device={env['device']} torch={env['torch']} threads={env['threads']} pattern={args.pattern}")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from diffattn.benchmark import environment, measure_peak, save_figure, timeit, write_json
+from diffattn.benchmark import DTYPES, environment, measure_peak, save_figure, timeit, write_json
 from diffattn.masks import block_fill, local_block_mask, local_density, token_order
 from diffattn.ops import block_sparse_attention, flex_backend, resolve_backend
 
@@ -260,7 +260,7 @@ def main() -> None:
         args.layer_grids, args.block_tokens, args.repeats = [32, 64], 256, 3
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     env = environment()
     print(f"device={env['device']} torch={env['torch']} threads={env['threads']}")
     order_rows = bench_orders(args)

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 import diffattn
-from diffattn.benchmark import environment, measure_peak, save_figure, timeit, write_json
+from diffattn.benchmark import DTYPES, environment, measure_peak, save_figure, timeit, write_json
 from diffattn.masks.radial import radial_block_mask, radial_density
 from diffattn.ops import block_sparse_attention, flex_backend, resolve_backend
 
@@ -285,7 +285,7 @@ def main() -> None:
     args = p.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     env = environment()
     print(f"device={env['device']} torch={env['torch']} threads={env['threads']}")
     layer_rows = bench_layer(args, device, dtype)

@@ -37,7 +37,7 @@ from diffusers import UNet2DConditionModel
 from tqdm import tqdm
 
 import diffattn
-from diffattn.benchmark import environment, save_figure, sync, write_json
+from diffattn.benchmark import DTYPES, environment, save_figure, sync, write_json
 from diffattn.models import ROICtrlAdapter
 from diffattn.processors.roi import RegionInstances
 
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out or ("outputs/bench_roictrl_quick" if quick else "docs/bench_roictrl")
     text_len = 77
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     unet = torch.nn.Module.to(sd15_unet(tiny=quick), args.device, dtype)  # (ModelMixin.to warns needlessly)
     adapters = {}
     for name, gligen in (("roi", True), ("roi_nogligen", False)):

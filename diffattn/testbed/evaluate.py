@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..benchmark import DTYPES
+
 ZOO_PREFIX = "zoo:"
 TESTBED_PREFIX = "testbed:"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
