@@ -42,6 +42,34 @@ def timeit(fn: Callable[[], Any], device: torch.device | str = "cpu", repeats: i
     return statistics.median(times)
 
 
+def interleaved(
+    fns: dict[str, Callable[[], Any]],
+    rounds: int,
+    device: torch.device | str = "cpu",
+    warmup: int = 1,
+    desc: str = "",
+) -> dict[str, float]:
+    """Median wall seconds per call of each function, timed one call of each per round.
+
+    Interleaving puts every variant under the same conditions: on a shared machine whose speed drifts
+    over minutes, timing one variant's calls after another's puts the drift into their ratio.
+    """
+    from tqdm import tqdm
+
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in tqdm(range(rounds), desc=desc, leave=False, disable=not desc):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -23,8 +23,6 @@ shared machine hits them alike. Writes ``OUT.json`` and ``OUT.png``. A full run 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -35,7 +33,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from tqdm import tqdm
 
 import diffattn
-from diffattn.benchmark import DTYPES, environment, save_figure, sync, write_json
+from diffattn.benchmark import DTYPES, environment, interleaved, save_figure, write_json
 from diffattn.processors.agent import DEFAULT_SCHEDULE, AgentAttnProcessor
 
 RATIO = 0.4  # ToMe ratio of both phases of the default AgentSD schedule; tomesd runs at the same ratio
@@ -118,22 +116,6 @@ def unet_variants(unet: UNet2DConditionModel, tomesd: Any | None) -> dict[str, C
 DEVICE, DTYPE = torch.device("cpu"), torch.float32  # set by --device / --dtype
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, desc: str = "") -> dict[str, float]:
-    """Median seconds per call of each function, timed one call of each per round (GPU work synchronised)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    for _ in tqdm(range(rounds), desc=desc, leave=False):
-        for name, fn in fns.items():
-            sync(DEVICE)
-            t0 = time.perf_counter()
-            fn()
-            sync(DEVICE)
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def with_schedule(t: dict[str, float]) -> dict[str, float]:
     """Add the time per step of a full run of the default schedule."""
     return {**t, "agent (schedule)": W1 * t["agent phase 1"] + W2 * t["agent phase 2"]}
@@ -153,7 +135,7 @@ def bench_unet(unet: UNet2DConditionModel, size: int, tomesd: Any | None, rounds
                 unet(x, t, ctx)
 
         fns[name] = call
-    return with_schedule(interleaved(fns, rounds, desc=f"unet {size}px"))
+    return with_schedule(interleaved(fns, rounds, DEVICE, desc=f"unet {size}px"))
 
 
 def bench_layer(unet: UNet2DConditionModel, size: int, tomesd: Any | None, rounds: int) -> dict[str, float]:
@@ -193,7 +175,7 @@ def bench_layer(unet: UNet2DConditionModel, size: int, tomesd: Any | None, round
         ours_tome = AgentAttnProcessor(height=lat, width=lat, sx=2, sy=2, ratio=RATIO, agent_ratio=0.0)
         fns["ours-ToMe"] = lambda: (setattr(attn, "processor", ours_tome), attn(x))
     try:
-        return with_schedule(interleaved(fns, rounds, desc=f"layer {size}px"))
+        return with_schedule(interleaved(fns, rounds, DEVICE, desc=f"layer {size}px"))
     finally:
         attn.processor = old
 

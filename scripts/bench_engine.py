@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from diffattn.benchmark import DTYPES, environment, measure_peak, save_figure, timeit, write_json
+from diffattn.benchmark import DTYPES, environment, interleaved, measure_peak, save_figure, timeit, write_json
 from diffattn.ops import BlockMask, block_sparse_attention, flex_backend, resolve_backend
 
 
@@ -80,19 +80,29 @@ def main() -> None:
         nb = math.ceil(n / bs)
         with torch.no_grad():
             dense = lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
-            t_dense = timeit(dense, device, args.repeats)
             mem_dense = measure_peak(dense, device)
+            cases, fns, recompiles = [], {"dense": dense}, {}
             for target, requested in [(t, b) for t in args.densities for b in args.backends]:
                 bm = BlockMask(pattern_bitmap(nb, target, args.pattern), n, n, bs)
-                density = bm.density()
                 backend = resolve_backend(q, k, v, bm, requested)
-                before = flex_backend.STATS.as_dict()
                 fn = lambda bm=bm, q=q, k=k, v=v, b=requested: block_sparse_attention(q, k, v, bm, backend=b)  # noqa: E731
+                before = flex_backend.STATS.compiles
                 t_first = timeit(fn, device, repeats=1, warmup=0)  # includes compiling, if any
-                compiled = flex_backend.STATS.compiles - before["compiles"]
-                mid = flex_backend.STATS.compiles
-                t = timeit(fn, device, args.repeats, warmup=0)
-                recompiled = flex_backend.STATS.compiles > mid
+                key = f"{target}/{requested}"
+                recompiles[key] = 0
+
+                def counted(fn=fn, key=key, recompiles=recompiles) -> None:
+                    mid = flex_backend.STATS.compiles
+                    fn()
+                    recompiles[key] += flex_backend.STATS.compiles - mid
+
+                fns[key] = counted
+                cases.append((key, target, requested, bm, backend, t_first, flex_backend.STATS.compiles - before, fn))
+            # dense and every engine case timed in turn, round after round (see interleaved)
+            times = interleaved(fns, args.repeats, device, warmup=0)
+            t_dense = times["dense"]
+            for key, target, requested, bm, backend, t_first, compiled, fn in cases:
+                density, t, recompiled = bm.density(), times[key], recompiles[key] > 0
                 mem = measure_peak(fn, device)
                 row = {
                     "tokens": n,
@@ -131,18 +141,23 @@ def main() -> None:
             o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
             torch.autograd.grad(o, (q, k, v), grad_out)
 
-        t_dense = timeit(dense_fb, device, args.repeats)
         mem_dense = measure_peak(dense_fb, device)
+        cases, fns = [], {"dense": dense_fb}
         for target in args.backward_densities:
             bm = BlockMask(pattern_bitmap(nb, target, args.pattern), n, n, bs)
-            density = bm.density()
-            backend = resolve_backend(q, k, v, bm, "auto")
 
             def sparse_fb(bm=bm):
                 o = block_sparse_attention(q, k, v, bm, backend="auto")
                 torch.autograd.grad(o, (q, k, v), grad_out)
 
-            t = timeit(sparse_fb, device, args.repeats)
+            cases.append((target, bm, sparse_fb))
+            fns[str(target)] = sparse_fb
+        times = interleaved(fns, args.repeats, device)
+        t_dense = times["dense"]
+        for target, bm, sparse_fb in cases:
+            density = bm.density()
+            backend = resolve_backend(q, k, v, bm, "auto")
+            t = times[str(target)]
             mem = measure_peak(sparse_fb, device)
             row = {
                 "tokens": n,

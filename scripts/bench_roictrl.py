@@ -28,16 +28,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
-from tqdm import tqdm
 
 import diffattn
-from diffattn.benchmark import DTYPES, environment, save_figure, sync, write_json
+from diffattn.benchmark import DTYPES, environment, interleaved, save_figure, write_json
 from diffattn.models import ROICtrlAdapter
 from diffattn.processors.roi import RegionInstances
 
@@ -66,20 +64,6 @@ def random_boxes(n: int, side: float, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     xy = torch.rand(n, 2, generator=g) * (1.0 - side)
     return torch.cat([xy, xy + side], -1)
-
-
-def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, desc: str, device: str) -> dict[str, float]:
-    for fn in fns.values():  # warmup
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in tqdm(range(rounds), desc=desc, leave=False):
-        for k, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
@@ -118,7 +102,7 @@ def bench_point(unet: UNet2DConditionModel, adapters: dict[str, ROICtrlAdapter],
         fns["regional_mask"] = call_with("regional_mask")
     if "regional_mask_naive" in variants:
         fns["regional_mask_naive"] = call_with("regional_mask", share_queries=False)
-    return interleaved(fns, rounds, desc=f"{latent * 8}px N={n} side={side}", device=str(dev))
+    return interleaved(fns, rounds, str(dev), desc=f"{latent * 8}px N={n} side={side}")
 
 
 def analytic_macs(unet: UNet2DConditionModel, adapter: ROICtrlAdapter, latent: int, box_area: float,

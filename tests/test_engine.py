@@ -149,6 +149,93 @@ def test_contiguous_run_views_on_non_contiguous_inputs(bitmap, short):
     _assert_matches_with_grads(*(t.requires_grad_() for t in (q, k, v)), bm, 2, 3)
 
 
+def _grouped_cases():
+    # (name, bitmap, q_len, kv_len): block size 16, runs long enough that rows are grouped
+    band13 = _band(30, 30, 6)  # runs of 13 blocks: pairs of rows
+    band33 = _band(48, 48, 16)  # runs of 33 blocks: groups of six
+    causal = torch.tril(torch.ones(40, 40, dtype=torch.bool))  # runs from block 0, growing by one
+    per_head = torch.stack([_band(40, 40, 6), _band(40, 40, 17)])  # (heads, q, k): a group size per head
+    window = torch.block_diag(*[torch.ones(8, 8, dtype=torch.bool)] * 3)  # identical runs: one long query
+    shifted = torch.zeros(20, 71, dtype=torch.bool)  # runs shifting by two blocks per row: leftovers cap groups
+    for i in range(20):
+        shifted[i, 2 * i : 2 * i + 33] = True
+    # rows of several runs: long ones read in place (grouped per run), short ones gathered into one piece
+    two_bands = _band(40, 40, 6) | _band(40, 40, 2).roll(20, dims=1)  # runs of 13 and 5 blocks per row
+    mixed = _band(40, 40, 8) | (torch.arange(40)[None, :] % 9 == 0)  # a long run plus single blocks
+    from diffattn.masks import radial_block_mask
+
+    radial = radial_block_mask(6, 100, decay_factor=0.5, block_size=16, sink=True).effective_bitmap()[0, 0]
+    yield "two_bands", two_bands, 40 * 16, 40 * 16 - 11
+    yield "long_and_short_runs", mixed, 40 * 16 - 3, 40 * 16
+    yield "radial", radial, 600, 600
+    yield "band13", band13, 30 * 16, 30 * 16
+    yield "band33_padded_tail", band33, 48 * 16 - 5, 48 * 16 - 9
+    yield "causal", causal, 40 * 16, 40 * 16 - 3
+    yield "per_head", per_head, 40 * 16 - 7, 40 * 16
+    yield "window", window, 24 * 16, 24 * 16
+    yield "shifted", shifted, 20 * 16, 71 * 16 - 1
+
+
+GROUPED = list(_grouped_cases())
+
+
+@pytest.mark.parametrize("name,bitmap,n,m", GROUPED, ids=[c[0] for c in GROUPED])
+def test_grouped_runs_match_reference(name, bitmap, n, m):
+    """Consecutive rows sharing one query call and their leftover pieces merged by log-sum-exp give the
+    reference output and gradients (fp32, <= 1e-5), with and without autograd, on transposed inputs."""
+    from diffattn.ops.gather_attention import _plan
+
+    bm = BlockMask(bitmap, n, m, 16)
+    heads = 2
+    batches, _ = _plan(bm, 1, heads, m, 16, 4, in_place=True, group=True, multi_run=True)
+    assert any(b.q_len > 1 for b in batches)  # rows really are grouped
+    if name != "window":
+        assert any(not b.first for b in batches)  # and leftover pieces really are merged
+    q, k, v = _qkv(1, heads, n, m, 16, seed=3)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    with torch.no_grad():
+        out = block_sparse_attention(q, k, v, bm, backend="gather")
+    assert (out - _dense_masked(q, k, v, bm.to_dense(1, heads))).abs().max() <= 1e-5
+    _assert_matches_with_grads(*(t.requires_grad_() for t in (q, k, v)), bm, 1, heads)
+
+
+def test_grouped_plan_covers_every_kept_block_once():
+    """The pieces of each row tile its run exactly: no block read twice, none left out."""
+    from diffattn.ops.gather_attention import _plan
+    from diffattn.ops.run_plan import batch_key_blocks
+
+    for _, bitmap, n, m in GROUPED:
+        bm = BlockMask(bitmap, n, m, 16)
+        batches, chunks = _plan(bm, 1, 2, m, 16, 4, in_place=True, group=True, multi_run=True)
+        seen = torch.zeros(2 * bm.q_blocks, bm.k_blocks, dtype=torch.int64)
+        for b in batches:
+            keys = batch_key_blocks(b, "cpu").view(b.n, b.k_len)
+            for i in range(b.n):
+                for r in range(b.q_start + i * b.q_step, b.q_start + i * b.q_step + b.q_len):
+                    seen[r, keys[i] - (r // bm.q_blocks) * bm.k_blocks] += 1
+        for c in chunks:
+            for r, flat in zip(c.rows.tolist(), c.flat.view(len(c.rows), c.m)):
+                seen[r, flat - (r // bm.q_blocks) * bm.k_blocks] += 1
+        expected = bm.effective_bitmap().expand(1, 2, bm.q_blocks, bm.k_blocks).reshape(-1, bm.k_blocks)
+        assert torch.equal(seen, expected.long())
+
+
+def test_grouped_runs_low_precision():
+    """Merged pieces accumulate in fp32: bf16 stays within the single-call tolerance."""
+    bm = BlockMask(_band(48, 48, 16), 768, 768, 16)
+    q, k, v = _qkv(1, 2, 768, 768, 16)
+    ref = _dense_masked(q, k, v, bm.to_dense(1, 2))
+    ql, kl, vl = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+    out = block_sparse_attention(ql, kl, vl, bm, backend="gather")
+    assert (out.float() - ref).abs().max() <= 3e-2
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    grad = torch.randn_like(ref)
+    g_out = torch.autograd.grad(out, (ql, kl, vl), grad.to(torch.bfloat16))
+    g_ref = torch.autograd.grad(_dense_masked(qr, kr, vr, bm.to_dense(1, 2)), (qr, kr, vr), grad)
+    for a, b in zip(g_ref, g_out):
+        assert (a - b.float()).abs().max() <= 0.12
+
+
 def test_structure_is_respected():
     """Changing a key the mask hides changes nothing; changing a visible one changes the output."""
     bm = BlockMask(_band(4, 4, 0), 128, 128, 32)
@@ -227,6 +314,11 @@ def test_auto_backend_choice():
         assert resolve_backend(q, k, v, bm) == "gather"
         scattered = BlockMask(torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1]] * 2).bool(), 256, 256, 64)
         assert resolve_backend(q, k, v, scattered) == "flex"
+        # rows of several runs: long runs are read in place too, short ones are not
+        long_runs = _band(16, 16, 2) | _band(16, 16, 2).roll(8, dims=1)  # runs of 5 blocks, 2 per row
+        assert resolve_backend(q, k, v, BlockMask(long_runs, 1024, 1024, 64)) == "gather"
+        short_runs = _band(16, 16, 1) | _band(16, 16, 1).roll(8, dims=1)  # runs of 3 blocks
+        assert resolve_backend(q, k, v, BlockMask(short_runs, 1024, 1024, 64)) == "flex"
     one = BlockMask(torch.ones(1, 1, dtype=torch.bool), 32, 32, 64)
     q1, k1, v1 = _qkv(1, 1, 32, 32, 8)
     assert resolve_backend(q1, k1, v1, one) == "gather"

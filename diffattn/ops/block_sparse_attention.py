@@ -4,9 +4,10 @@ Backends:
 
 - ``flex``: FlexAttention compiled once per shape and mask signature; forward everywhere, backward on
   GPU only (torch has no flex backward on CPU).
-- ``gather``: plain torch, gathers each query block's kept key blocks; forward and backward on every
-  device, memory bounded by chunking. The CPU training path: its backward recomputes each chunk from
-  the saved log-sum-exp, so no gathered block is kept between the passes.
+- ``gather``: plain torch; reads runs of kept key blocks in place (strided views) and gathers the
+  rest, then runs the fused SDPA kernel; forward and backward on every device, memory bounded by
+  chunking. The CPU training path: its backward recomputes each piece from the saved log-sum-exp, so
+  no gathered block is kept between the passes.
 - ``sdpa``: dense ``scaled_dot_product_attention`` with the expanded token mask. The reference the
   others are tested against; its memory is ``q_len x kv_len``, so small shapes only.
 
@@ -14,10 +15,11 @@ Backends:
 
 - ``gather`` when gradients are needed on CPU (no flex backward there) or when the whole problem is a
   single block (compiling costs more than it saves);
-- on CPU without gradients, ``gather`` when at least half of the kept blocks sit in rows made of one
-  contiguous run of blocks (bands, local windows: ``gather`` reads those keys in place and runs the
-  fused SDPA kernel, measured faster than compiled flex, whose CPU kernel reaches about 0.65 of dense
-  SDPA's speed even on a full mask), else ``flex`` (scattered blocks: the gather copies cost more);
+- on CPU without gradients, ``gather`` when at least half of the kept blocks are read in place (rows
+  made of one run of blocks, and runs of at least 4 blocks in other rows: bands, radial masks up to a
+  few dozen frames; ``gather`` then runs the fused SDPA kernel on long queries, measured faster than
+  compiled flex, whose CPU kernel reaches about 0.65 of dense SDPA's speed even on a full mask), else
+  ``flex`` (short scattered runs: gathering them costs more);
 - ``flex`` otherwise (GPU).
 """
 
@@ -30,7 +32,7 @@ import torch
 
 from . import flex_backend
 from .block_mask import BlockMask
-from .gather_attention import contiguous_run_fraction, gather_attention
+from .gather_attention import gather_attention, in_place_fraction
 
 Backend = Literal["auto", "flex", "gather", "sdpa"]
 BACKENDS: tuple[str, ...] = ("auto", "flex", "gather", "sdpa")
@@ -64,7 +66,7 @@ def resolve_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: Block
         return "gather"
     if bm.q_blocks * bm.k_blocks <= 1:
         return "gather"
-    if q.device.type == "cpu" and contiguous_run_fraction(bm) >= 0.5:
+    if q.device.type == "cpu" and in_place_fraction(bm) >= 0.5:
         return "gather"
     ok, why = flex_backend.available()
     if not ok:

@@ -5,14 +5,16 @@ Every (batch, head, query block) is a *row* with its own list of kept key blocks
 through the fused ``scaled_dot_product_attention`` kernel, so the score matrix is never materialised.
 Work and memory scale with the number of kept blocks, never with ``q_len x kv_len``.
 
-- Rows whose kept blocks form one contiguous run (bands, local windows) read their keys in place
-  through strided views; rows with identical runs share one long query; a run that ends in the
-  zero-padded tail block stops its view at ``kv_len`` instead of needing a token mask.
+- Rows whose kept blocks form one contiguous run (bands, causal runs, local windows) read their keys
+  in place through strided views (``run_plan``); a run that ends in the zero-padded tail block stops
+  its view at ``kv_len`` instead of needing a token mask. On CPU, consecutive rows whose runs overlap
+  share one long query against their common blocks (the CPU kernel is ~20% faster per score on long
+  queries) and each row's leftover blocks run as short pieces, merged exactly by log-sum-exp.
 - Other rows are grouped by how many blocks they keep (no row is ever padded), their key/value blocks
-  gathered with ``index_select`` (into a reused workspace without autograd), and token-level checks
-  applied only to rows that need them.
-- On CPU with autograd, a custom ``autograd.Function`` calls the fused flash kernel and its backward
-  directly: the forward keeps only the output and its log-sum-exp, the backward gathers again and
+  gathered with ``index_select`` (into a reused workspace where nothing keeps them), and token-level
+  checks applied only to rows that need them.
+- On CPU a custom ``autograd.Function`` calls the fused flash kernel and its backward directly: the
+  forward keeps only the output and its log-sum-exp, the backward reads the keys again and
   recomputes, so no gathered block lives between the passes.
 """
 
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .block_mask import BlockMask
+from .run_plan import RunBatch, batch_key_blocks, plan_runs, strided_rows
 
 # Bytes of gathered key/value blocks per chunk; bounds peak memory on long sequences without grad.
 _CHUNK_BYTES = 64 * 2**20
@@ -41,104 +44,17 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _run_rows(eff: torch.Tensor, counts: torch.Tensor, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows (of a ``(rows, k_blocks)`` bitmap) whose kept blocks are one contiguous run, and run starts."""
-    kb_n = eff.shape[-1]
-    first = eff.to(torch.int8).argmax(-1)
-    last = kb_n - 1 - eff.flip(-1).to(torch.int8).argmax(-1)
-    return (counts > 0) & ~partial & (last - first + 1 == counts), first
-
-
-def contiguous_run_fraction(bm: BlockMask) -> float:
-    """Fraction of the kept blocks that sit in rows read in place (one contiguous run, no token check)."""
-    if "run_fraction" not in bm._cache:
+def in_place_fraction(bm: BlockMask) -> float:
+    """Fraction of the kept blocks that the CPU path reads in place (runs, see ``run_plan``) rather
+    than gathering."""
+    if "in_place_fraction" not in bm._cache:
         shape = torch.broadcast_shapes(bm.effective_bitmap().shape, bm.full_bitmap().shape)
         eff, _, counts, _, partial_unpadded = _row_plan(bm, shape[0], shape[1])
-        run, _ = _run_rows(eff, counts, partial_unpadded)  # runs stop their key view at kv_len
+        # runs stop their key view at kv_len: the tail block's padding needs no token check
+        _, covered = plan_runs(eff, counts, partial_unpadded, bm.q_blocks, 0, group=False, multi_run=True)
         total = int(counts.sum())
-        bm._cache["run_fraction"] = float(counts[run].sum()) / total if total else 0.0
-    return bm._cache["run_fraction"]
-
-
-class _Run(NamedTuple):
-    """Rows read through one strided view: run starts ``start + i * step`` (in blocks of the flat key
-    storage), ``m`` blocks each, the last ``cut`` tokens left out (the tail block's padding)."""
-
-    rows: torch.Tensor
-    start: int
-    step: int
-    m: int
-    cut: int
-
-
-def _run_groups(
-    eff: torch.Tensor, counts: torch.Tensor, partial: torch.Tensor, qb_n: int, kb_n: int, n_kblocks: int,
-    tail_pad: int,
-) -> tuple[list[_Run], torch.Tensor]:
-    """Rows whose kept blocks form one contiguous run, grouped so each group is one strided view.
-
-    Local windows and bands are made of such rows. Rows with the same run length whose run starts form
-    an arithmetic progression are one strided view of the key/value storage, so a single fused SDPA
-    call covers them with no copy (copying the gathered blocks costs about as much as the attention on
-    CPU). ``partial`` must ignore the tail block's padding (``full_bitmap(padded_tail=False)``): a run
-    that ends in the tail block stops its view at ``kv_len`` (``tail_pad`` tokens early) instead of
-    needing a token mask. Returns the groups and the mask of rows covered.
-    """
-    run, first = _run_rows(eff, counts, partial)
-    handled = torch.zeros_like(run)
-    groups: list[_Run] = []
-    if not bool(run.any()):
-        return groups, handled
-    rows = torch.nonzero(run).flatten()
-    offset = (rows // qb_n) * kb_n + first[rows]
-    m_of = counts[rows]
-    at_tail = (first[rows] + m_of == kb_n).long()
-    order = torch.argsort((m_of * 2 + at_tail) * (n_kblocks + 1) + offset, stable=True)
-    rows_l, offset_l, m_l = rows[order].tolist(), offset[order].tolist(), m_of[order].tolist()
-    tail_l = at_tail[order].tolist()
-    i = 0
-    while i < len(rows_l):
-        # the longest arithmetic progression of run starts with one run length (and tail or not)
-        j, step = i + 1, 0
-
-        def same(a: int, b: int) -> bool:
-            return m_l[a] == m_l[b] and tail_l[a] == tail_l[b]
-
-        if j < len(rows_l) and same(j, i):
-            step = offset_l[j] - offset_l[i]
-            while j < len(rows_l) and same(j, i) and offset_l[j] - offset_l[j - 1] == step:
-                j += 1
-        rows_t = torch.tensor(rows_l[i:j], device=eff.device)
-        groups.append(_Run(rows_t, offset_l[i], step, m_l[i], tail_pad if tail_l[i] else 0))
-        i = j
-    handled[rows] = True
-    return groups, handled
-
-
-def _run_views(
-    qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, run: _Run
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q, k, v)`` of one run group as SDPA inputs; keys and values are views, never copies."""
-    n, bs, dim = len(run.rows), kf.shape[1], kf.shape[2]
-    length = run.m * bs - run.cut
-    if run.step == 0:
-        # identical key sets: one long query run against one contiguous key slice (a stride-0 batch
-        # view would make the kernel expand the keys)
-        tok = run.start * bs
-        kc = kf.view(-1, dim)[tok : tok + length][None, None]
-        vc = vf.view(-1, dim)[tok : tok + length][None, None]
-        return qf.index_select(0, run.rows).view(1, 1, n * bs, dim), kc, vc
-    size, stride = (n, 1, length, dim), (run.step * bs * dim, 0, dim, 1)
-    kc = kf.as_strided(size, stride, kf.storage_offset() + run.start * bs * dim)
-    vc = vf.as_strided(size, stride, vf.storage_offset() + run.start * bs * dim)
-    return qf.index_select(0, run.rows)[:, None], kc, vc
-
-
-def _run_flat(run: _Run) -> torch.Tensor:
-    """The key blocks a run group reads, as flat block indices (row-major; one row's if ``step`` is 0)."""
-    n = len(run.rows) if run.step else 1
-    starts = run.start + run.step * torch.arange(n, device=run.rows.device)
-    return (starts[:, None] + torch.arange(run.m, device=run.rows.device)).reshape(-1)
+        bm._cache["in_place_fraction"] = float(covered.sum()) / total if total else 0.0
+    return bm._cache["in_place_fraction"]
 
 
 class _Chunk(NamedTuple):
@@ -232,35 +148,62 @@ def _row_plan(bm: BlockMask, batch: int, heads: int) -> tuple[torch.Tensor, ...]
 
 
 def _plan(
-    bm: BlockMask, batch: int, heads: int, kf: torch.Tensor, kv_len: int, itemsize: int, in_place: bool
-) -> tuple[list[_Run], list[_Chunk]]:
-    """The run groups read in place (none unless ``in_place``) and the gathered chunks of the other rows.
+    bm: BlockMask, batch: int, heads: int, kv_len: int, dim: int, itemsize: int, in_place: bool, group: bool,
+    multi_run: bool = False,
+) -> tuple[list[RunBatch], list[_Chunk]]:
+    """The run batches read in place (none unless ``in_place``) and the gathered chunks of the other rows.
 
-    ``kf``: the keys padded to whole blocks, ``(rows, block_size, dim)``.
+    ``group``: consecutive rows share their common keys (the pieces are merged by log-sum-exp, so only
+    the CPU kernel path, which returns it, asks for this). Cached on the mask per call shape.
     """
-    eff, full, counts, partial, partial_unpadded = _row_plan(bm, batch, heads)
-    runs: list[_Run] = []
-    handled = torch.zeros_like(counts, dtype=torch.bool)
-    if in_place:
-        runs, handled = _run_groups(
-            eff, counts, partial_unpadded, bm.q_blocks, bm.k_blocks, kf.shape[0], (-kv_len) % bm.block_size
-        )
-    chunks = _gather_chunks(bm, eff, full, counts, partial, handled, heads, kf.shape[2], itemsize)
-    return runs, chunks
+    key = ("plan", batch, heads, kv_len, dim, itemsize, in_place, group, multi_run)
+    if key not in bm._cache:
+        eff, full, counts, partial, partial_unpadded = _row_plan(bm, batch, heads)
+        batches: list[RunBatch] = []
+        rest = eff  # blocks left to gather
+        if in_place:
+            batches, covered = plan_runs(
+                eff, counts, partial_unpadded, bm.q_blocks, (-kv_len) % bm.block_size, group, multi_run
+            )
+            rest = eff & ~covered
+        counts_rest = rest.sum(-1)
+        chunks = _gather_chunks(bm, rest, full, counts_rest, partial, counts_rest == 0, heads, dim, itemsize)
+        bm._cache[key] = (batches, chunks)
+    return bm._cache[key]
 
 
-# --- CPU training path ------------------------------------------------------------------------------
-# The fused CPU flash-attention kernel and its backward, called directly: the forward returns the
-# log-sum-exp, so the backward recomputes each chunk's attention from (q, gathered k/v, out, lse) and
-# nothing gathered is kept between the passes. Autograd through index_select + SDPA kept every
-# gathered key/value block alive until the backward (about density x 2 x K per layer: 5.8 GB for one
-# layer at Wan 480p, 21 latent frames), and that memory traffic made it slower than dense.
+def _query_blocks(b: RunBatch, device: torch.device) -> torch.Tensor:
+    """The flat query blocks of a batch, piece by piece."""
+    starts = b.q_start + b.q_step * torch.arange(b.n, device=device)
+    return (starts[:, None] + torch.arange(b.q_len, device=device)).reshape(-1)
+
+
+def _workspace(chunks: list[_Chunk], like: torch.Tensor) -> torch.Tensor | None:
+    """One scratch buffer for every chunk's gathered blocks (no autograd through it).
+
+    Freshly allocated large tensors are paid for in page faults on first touch, which on CPU cost as
+    much as the attention itself.
+    """
+    if not chunks:
+        return None
+    bs, dim = like.shape[1], like.shape[2]
+    max_blocks = max(1, _CHUNK_BYTES // (2 * bs * dim * like.element_size()))
+    return like.new_empty(2, min(max_blocks, sum(c.flat.numel() for c in chunks)), bs, dim)
+
+
+# --- CPU path ---------------------------------------------------------------------------------------
+# The fused CPU flash-attention kernel and its backward, called directly. The forward returns the
+# log-sum-exp, which (a) merges a row's pieces exactly (grouped rows, see run_plan) and (b) lets the
+# backward recompute each piece's attention from (q, k/v read again, out, lse), so nothing gathered is
+# kept between the passes. Autograd through index_select + SDPA kept every gathered key/value block
+# alive until the backward (about density x 2 x K per layer: 5.8 GB for one layer at Wan 480p, 21
+# latent frames), and that memory traffic made it slower than dense.
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 def _has_cpu_flash(q: torch.Tensor) -> bool:
-    """Whether the CPU training path applies (elsewhere autograd runs through the fused SDPA kernels)."""
+    """Whether the CPU kernel path applies (elsewhere autograd runs through the fused SDPA kernels)."""
     return q.device.type == "cpu"
 
 
@@ -271,52 +214,80 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
+def _merge(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, lse_o: torch.Tensor) -> None:
+    """Fold a piece's ``(o, lse_o)`` into the running ``(out, lse)`` of the same queries, in place."""
+    new = torch.logaddexp(lse, lse_o)
+    out.mul_((lse - new).exp_().unsqueeze(-1)).add_(o * (lse_o - new).exp_().unsqueeze(-1))
+    lse.copy_(new)
+
+
 class _GatherAttentionCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bm: BlockMask, scale: float | None):  # noqa: ANN001, ANN205
         batch, heads, q_len, dim = q.shape
         bs = bm.block_size
         qf, kf, vf = _pad_rows(q, bs).contiguous(), _pad_rows(k, bs).contiguous(), _pad_rows(v, bs).contiguous()
-        runs, chunks = _plan(bm, batch, heads, kf, k.shape[2], k.element_size(), in_place=True)
-        out = torch.zeros_like(qf)
-        lse = torch.zeros(qf.shape[:2], dtype=torch.float32, device=q.device)
-        for run in runs:
-            qc, kc, vc = _run_views(qf, kf, vf, run)
-            o, lse_c = _flash_cpu(qc, kc, vc, 0.0, False, scale=scale)
-            out[run.rows] = o.reshape(len(run.rows), bs, dim)
-            lse[run.rows] = lse_c.reshape(len(run.rows), bs).float()
+        batches, chunks = _plan(
+            bm, batch, heads, k.shape[2], dim, k.element_size(), in_place=True, group=True, multi_run=True
+        )
+        # merged pieces accumulate in fp32
+        acc = torch.float32 if any(not b.first for b in batches) else q.dtype
+        out = torch.zeros(qf.shape, dtype=acc, device=q.device)
+        lse = torch.full(qf.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        # gathered blocks first: a row's gathered piece is written, its in-place pieces merged into it
+        workspace = _workspace(chunks, kf)  # the backward gathers again: the forward's blocks are scratch
         for c in chunks:
-            kc, vc = _gather_kv(kf, vf, c)
+            kc, vc = _gather_kv(kf, vf, c, workspace)
             o, lse_c = _flash_cpu(qf.index_select(0, c.rows)[:, None], kc, vc, 0.0, False,
                                   attn_mask=_additive(c.mask, q.dtype), scale=scale)
-            if c.empty is not None:
+            if c.empty is not None:  # only rows with token checks, which have no other piece
                 o = o.masked_fill(c.empty, 0.0)
-            out[c.rows] = o[:, 0]
+            out[c.rows] = o[:, 0].to(acc)
             lse[c.rows] = lse_c[:, 0].float()
+        for b in batches:
+            o, lse_o = _flash_cpu(
+                strided_rows(qf, b.q_start, b.q_step, b.q_len, b.n),
+                strided_rows(kf, b.k_start, b.k_step, b.k_len, b.n, b.cut),
+                strided_rows(vf, b.k_start, b.k_step, b.k_len, b.n, b.cut),
+                0.0, False, scale=scale,
+            )
+            out_v = strided_rows(out, b.q_start, b.q_step, b.q_len, b.n)
+            lse_v = strided_rows(lse, b.q_start, b.q_step, b.q_len, b.n)
+            if b.first:
+                out_v.copy_(o)
+                lse_v.copy_(lse_o)
+            else:
+                _merge(out_v, lse_v, o, lse_o.float())
+        out = out.to(q.dtype)
         ctx.save_for_backward(qf, kf, vf, out, lse)
-        ctx.plan = (runs, chunks, scale, q.shape, k.shape[2])
+        ctx.plan = (batches, chunks, scale, q.shape, k.shape[2])
         return out.view(batch, heads, -1, dim)[:, :, :q_len]
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         qf, kf, vf, out, lse = ctx.saved_tensors
-        runs, chunks, scale, q_shape, kv_len = ctx.plan
+        batches, chunks, scale, q_shape, kv_len = ctx.plan
         batch, heads, q_len, dim = q_shape
         bs = kf.shape[1]
-        gf = _pad_rows(grad_out.contiguous(), bs).to(qf.dtype)
-        dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
-        for run in runs:
-            qc, kc, vc = _run_views(qf, kf, vf, run)
-            shape = qc.shape
-            g, o = gf[run.rows].view(shape), out[run.rows].view(shape)
-            lse_c = lse[run.rows].view(shape[:-1])
-            dqc, dkc, dvc = _flash_cpu_backward(g, qc, kc, vc, o, lse_c, 0.0, False, scale=scale)
-            dq[run.rows] = dqc.reshape(len(run.rows), bs, dim)
-            if run.cut:  # the view stopped at kv_len: the padding tokens get no gradient
-                dkc, dvc = F.pad(dkc, (0, 0, 0, run.cut)), F.pad(dvc, (0, 0, 0, run.cut))
-            flat = _run_flat(run)  # step 0: one key slice shared by every row (dkc holds it once)
-            dk.index_add_(0, flat, dkc.reshape(-1, bs, dim))
-            dv.index_add_(0, flat, dvc.reshape(-1, bs, dim))
+        gf = _pad_rows(grad_out.contiguous(), bs).to(qf.dtype).contiguous()
+        # a row's pieces (and a key block's readers) add up their gradients: accumulate in fp32
+        dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (qf, kf, vf))
+        for b in batches:
+            def rows(x: torch.Tensor, b: RunBatch = b) -> torch.Tensor:
+                return strided_rows(x, b.q_start, b.q_step, b.q_len, b.n)
+
+            dqc, dkc, dvc = _flash_cpu_backward(
+                rows(gf), rows(qf),
+                strided_rows(kf, b.k_start, b.k_step, b.k_len, b.n, b.cut),
+                strided_rows(vf, b.k_start, b.k_step, b.k_len, b.n, b.cut),
+                rows(out), rows(lse), 0.0, False, scale=scale,
+            )
+            rows(dq).add_(dqc)
+            if b.cut:  # the view stopped at kv_len: the padding tokens get no gradient
+                dkc, dvc = F.pad(dkc, (0, 0, 0, b.cut)), F.pad(dvc, (0, 0, 0, b.cut))
+            flat = batch_key_blocks(b, kf.device)
+            dk.index_add_(0, flat, dkc.reshape(-1, bs, dim).float())
+            dv.index_add_(0, flat, dvc.reshape(-1, bs, dim).float())
         for c in chunks:
             kc, vc = _gather_kv(kf, vf, c)
             g = gf.index_select(0, c.rows)[:, None]
@@ -327,12 +298,12 @@ class _GatherAttentionCPU(torch.autograd.Function):
                 g, qf.index_select(0, c.rows)[:, None], kc, vc, out.index_select(0, c.rows)[:, None], lse_c,
                 0.0, False, attn_mask=_additive(c.mask, qf.dtype), scale=scale,
             )
-            dq[c.rows] = dqc[:, 0]
-            dk.index_add_(0, c.flat, dkc.view(-1, bs, dim))
-            dv.index_add_(0, c.flat, dvc.view(-1, bs, dim))
+            dq.index_add_(0, c.rows, dqc[:, 0].float())  # the row's in-place pieces add theirs
+            dk.index_add_(0, c.flat, dkc.view(-1, bs, dim).float())
+            dv.index_add_(0, c.flat, dvc.view(-1, bs, dim).float())
 
         def unpad(x: torch.Tensor, length: int) -> torch.Tensor:
-            return x.view(batch, heads, -1, dim)[:, :, :length]
+            return x.to(qf.dtype).view(batch, heads, -1, dim)[:, :, :length]
 
         return unpad(dq, q_len), unpad(dk, kv_len), unpad(dv, kv_len), None, None
 
@@ -340,11 +311,12 @@ class _GatherAttentionCPU(torch.autograd.Function):
 def gather_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float | None = None
 ) -> torch.Tensor:
-    """Block-sparse attention by gathering kept key blocks; differentiable in q, k and v.
+    """Block-sparse attention by reading kept key blocks in place or gathering them; differentiable in
+    q, k and v.
 
     Query rows that see no key give zeros (and zero gradients).
     """
-    if _needs_grad(q, k, v) and _has_cpu_flash(q):
+    if _has_cpu_flash(q):
         return _GatherAttentionCPU.apply(q, k, v, block_mask, scale)
     bm = block_mask
     batch, heads, q_len, dim = q.shape
@@ -353,24 +325,23 @@ def gather_attention(
     outs, rows_done = [], []
     grad = _needs_grad(q, k, v)
     if not grad:
-        kf, vf = kf.contiguous(), vf.contiguous()  # the strided run views assume the dense layout
-    # forward only for in-place runs: the overlapping strided views would make autograd accumulate
-    # through as_strided
-    runs, chunks = _plan(bm, batch, heads, kf, k.shape[2], k.element_size(), in_place=not grad)
-    for run in runs:
-        qc, kc, vc = _run_views(qf, kf, vf, run)
-        outs.append(F.scaled_dot_product_attention(qc, kc, vc, scale=scale).reshape(len(run.rows), bs, dim))
-        rows_done.append(run.rows)
+        qf, kf, vf = qf.contiguous(), kf.contiguous(), vf.contiguous()  # strided run views assume the layout
+    # in-place runs only without autograd (overlapping strided views would make autograd accumulate
+    # through as_strided), and ungrouped: SDPA gives no log-sum-exp to merge pieces with
+    batches, chunks = _plan(bm, batch, heads, k.shape[2], dim, k.element_size(), in_place=not grad, group=False)
+    for b in batches:
+        o = F.scaled_dot_product_attention(
+            strided_rows(qf, b.q_start, b.q_step, b.q_len, b.n),
+            strided_rows(kf, b.k_start, b.k_step, b.k_len, b.n, b.cut),
+            strided_rows(vf, b.k_start, b.k_step, b.k_len, b.n, b.cut),
+            scale=scale,
+        )
+        outs.append(o.reshape(b.n * b.q_len, bs, dim))
+        rows_done.append(_query_blocks(b, q.device))
 
-    # Without autograd the gathered blocks are scratch: one buffer reused by every chunk. Freshly
-    # allocated large tensors are paid for in page faults on first touch, which on CPU cost as much as
-    # the attention itself. With autograd (GPU; the CPU path above recomputes instead) each chunk's
-    # gather lives on for the backward.
-    workspace = None
-    if not grad and chunks:
-        max_blocks = max(1, _CHUNK_BYTES // (2 * bs * dim * k.element_size()))
-        total_blocks = sum(c.flat.numel() for c in chunks)
-        workspace = k.new_empty(2, min(max_blocks, total_blocks), bs, dim)
+    # Without autograd the gathered blocks are scratch; with it (off CPU) each chunk's gather lives on
+    # for the backward.
+    workspace = None if grad else _workspace(chunks, kf)
     for c in chunks:
         kc, vc = _gather_kv(kf, vf, c, workspace)
         o = F.scaled_dot_product_attention(qf.index_select(0, c.rows)[:, None], kc, vc, attn_mask=c.mask, scale=scale)
