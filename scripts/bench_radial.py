@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 import diffattn
-from diffattn.benchmark import DTYPES, environment, measure_peak, save_figure, timeit, write_json
+from diffattn.benchmark import DTYPES, environment, interleaved, measure_peak, save_figure, timeit, write_json
 from diffattn.masks.radial import radial_block_mask, radial_density
 from diffattn.ops import block_sparse_attention, flex_backend, resolve_backend
 
@@ -55,15 +55,22 @@ def bench_layer(args, device: str, dtype: torch.dtype) -> list[dict]:
         token_density = radial_density(f, tpf, decay_factor=args.decay_factor, block_size=args.block_size, sink=True)
         with torch.no_grad():
             dense = lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
-            t_dense = timeit(dense, device, args.repeats)
             mem_dense = measure_peak(dense, device)
             bar.update(1)
+            fns, firsts = {"dense": dense}, {}
             for requested in args.backends:
-                backend = resolve_backend(q, k, v, bm, requested)
                 fn = lambda q=q, k=k, v=v, bm=bm, b=requested: block_sparse_attention(q, k, v, bm, backend=b)  # noqa: E731
                 before = flex_backend.STATS.compiles
                 t_first = timeit(fn, device, repeats=1, warmup=0)  # includes compiling, if any
-                t = timeit(fn, device, args.repeats, warmup=0)
+                firsts[requested] = (t_first, flex_backend.STATS.compiles - before)
+                fns[requested] = fn
+            # dense and each backend in turn, round after round (see interleaved)
+            times = interleaved(fns, args.repeats, device, warmup=0)
+            t_dense = times["dense"]
+            for requested in args.backends:
+                fn, t = fns[requested], times[requested]
+                backend = resolve_backend(q, k, v, bm, requested)
+                t_first, compiles = firsts[requested]
                 row = {
                     "latent_frames": f,
                     "tokens": n,
@@ -78,7 +85,7 @@ def bench_layer(args, device: str, dtype: torch.dtype) -> list[dict]:
                     "ideal": 1 / density,
                     "efficiency": t_dense / t * density,
                     "first_call_s": t_first,
-                    "compiles": flex_backend.STATS.compiles - before,
+                    "compiles": compiles,
                     "peak_mb_dense": mem_dense,
                     "peak_mb_radial": measure_peak(fn, device),
                 }

@@ -111,6 +111,12 @@ def test_gather_generic_autograd_path_matches_reference(name, n, m, bs, make, mo
     # the package re-exports the function under the module's name, so fetch the module itself
     monkeypatch.setattr(importlib.import_module("diffattn.ops.gather_attention"), "_has_cpu_flash", lambda q: False)
     _assert_matches_with_grads(*_qkv(2, 2, n, m, 16, grad=True), make(), 2, 2)
+    # and without autograd: single-run rows read in place, one piece each (SDPA returns no lse to merge)
+    bm = make()
+    q, k, v = _qkv(2, 2, n, m, 16)
+    with torch.no_grad():
+        out = block_sparse_attention(q, k, v, bm, backend="gather")
+    assert (out - _dense_masked(q, k, v, bm.to_dense(2, 2))).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("name,n,m,bs,make", CASES, ids=[c[0] for c in CASES])
@@ -197,6 +203,19 @@ def test_grouped_runs_match_reference(name, bitmap, n, m):
         out = block_sparse_attention(q, k, v, bm, backend="gather")
     assert (out - _dense_masked(q, k, v, bm.to_dense(1, heads))).abs().max() <= 1e-5
     _assert_matches_with_grads(*(t.requires_grad_() for t in (q, k, v)), bm, 1, heads)
+
+
+@pytest.mark.parametrize("name,bitmap,n,m", GROUPED, ids=[c[0] for c in GROUPED])
+def test_runs_off_cpu_path_match_reference(name, bitmap, n, m, monkeypatch):
+    """Off CPU (no log-sum-exp to merge with) the same masks run ungrouped: same results."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("diffattn.ops.gather_attention"), "_has_cpu_flash", lambda q: False)
+    bm = BlockMask(bitmap, n, m, 16)
+    q, k, v = _qkv(1, 2, n, m, 16, seed=4)
+    with torch.no_grad():
+        out = block_sparse_attention(q, k, v, bm, backend="gather")
+    assert (out - _dense_masked(q, k, v, bm.to_dense(1, 2))).abs().max() <= 1e-5
 
 
 def test_grouped_plan_covers_every_kept_block_once():
@@ -393,3 +412,20 @@ def test_flex_gpu_block_coarsening(bs, n, m):
     out = flex_attention(q, k, v, block_mask=mask)
     ref = _dense_masked(q, k, v, bm.to_dense(2, 2))
     assert (out - ref).abs().max() <= 1e-5
+
+
+def test_plan_cache_keeps_small_plans_only(monkeypatch):
+    """Plans are cached on their mask; large token-level masks are rebuilt per call instead of kept."""
+    import importlib
+
+    ga = importlib.import_module("diffattn.ops.gather_attention")
+    q, k, v = _qkv(1, 2, 190, 190, 16)
+    plain = BlockMask(_band(6, 6, 1), 190, 190, 32)
+    ruled = BlockMask(_band(6, 6, 1), 190, 190, 32, token_rule=lambda b, h, qi, ki: (qi - ki).abs() <= 20)
+    monkeypatch.setattr(ga, "_CACHED_MASK_BYTES", 0)
+    with torch.no_grad():
+        for bm in (plain, ruled):
+            out = block_sparse_attention(q, k, v, bm, backend="gather")
+            assert (out - _dense_masked(q, k, v, bm.to_dense(1, 2))).abs().max() <= 1e-5
+    assert any(key[0] == "plan" for key in plain._cache)
+    assert not any(key[0] == "plan" for key in ruled._cache)

@@ -30,6 +30,8 @@ from .run_plan import RunBatch, batch_key_blocks, plan_runs, strided_rows
 
 # Bytes of gathered key/value blocks per chunk; bounds peak memory on long sequences without grad.
 _CHUNK_BYTES = 64 * 2**20
+# A plan (which rows read what) is cached on its mask, token-level masks included up to this size.
+_CACHED_MASK_BYTES = 256 * 2**20
 
 
 def _pad_rows(x: torch.Tensor, bs: int) -> torch.Tensor:
@@ -154,7 +156,8 @@ def _plan(
     """The run batches read in place (none unless ``in_place``) and the gathered chunks of the other rows.
 
     ``group``: consecutive rows share their common keys (the pieces are merged by log-sum-exp, so only
-    the CPU kernel path, which returns it, asks for this). Cached on the mask per call shape.
+    the CPU kernel path, which returns it, asks for this). Cached on the mask per call shape, unless
+    its token-level masks are larger than ``_CACHED_MASK_BYTES``.
     """
     key = ("plan", batch, heads, kv_len, dim, itemsize, in_place, group, multi_run)
     if key not in bm._cache:
@@ -168,6 +171,9 @@ def _plan(
             rest = eff & ~covered
         counts_rest = rest.sum(-1)
         chunks = _gather_chunks(bm, rest, full, counts_rest, partial, counts_rest == 0, heads, dim, itemsize)
+        mask_bytes = sum(c.mask.numel() for c in chunks if c.mask is not None)
+        if mask_bytes > _CACHED_MASK_BYTES:  # token masks this large are rebuilt per call, not kept
+            return batches, chunks
         bm._cache[key] = (batches, chunks)
     return bm._cache[key]
 
