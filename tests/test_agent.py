@@ -116,8 +116,13 @@ def test_random_partition_one_dst_per_window(h, w, sx, sy):
         random_partition(h, w, w + 1, sy)
 
 
+@pytest.mark.parametrize("chunk", [None, 7], ids=["one_slice", "slices_of_rows"])
 @pytest.mark.parametrize("h,w,sx,sy,ratio", [(6, 6, 2, 2, 0.5), (5, 7, 2, 2, 0.3), (8, 8, 4, 4, 0.9), (4, 6, 2, 3, 0.0)])
-def test_bipartite_matching_matches_brute_force(h, w, sx, sy, ratio):
+def test_bipartite_matching_matches_brute_force(h, w, sx, sy, ratio, chunk, monkeypatch):
+    if chunk is not None:  # scores computed a few rows at a time (uneven last slice), as on large grids
+        import importlib
+
+        monkeypatch.setattr(importlib.import_module("diffattn.ops.token_merging"), "_SCORE_CHUNK_ELEMENTS", chunk)
     torch.manual_seed(1)
     x = torch.randn(2, h * w, 6, dtype=torch.float64)
     metric = torch.randn(2, h * w, 5, dtype=torch.float64)
