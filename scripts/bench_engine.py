@@ -40,6 +40,29 @@ def pattern_bitmap(n_blocks: int, density: float, pattern: str, seed: int = 0) -
     return bits | torch.eye(n_blocks, dtype=torch.bool)
 
 
+def kernel_table(device: str, dtype: torch.dtype, heads: int, dim: int, repeats: int) -> list[dict]:
+    """Cost per score of the fused SDPA kernel for ``(queries, keys)`` calls, relative to one dense call.
+
+    A sparse row is a call of 128 queries against its kept keys; the CPU kernel tiles short queries in
+    small splits, so these calls cost more per score than dense attention does.
+    """
+    n = 8192
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, dim, generator=g).to(device, dtype) for _ in range(3))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with torch.no_grad():
+        per_score = timeit(lambda: sdpa(q, k, v), device, repeats) / (heads * n * n)
+        rows = []
+        for nq in (128, 256, 768):
+            for nk in (256, 512, 1152, 2048):
+                batch = max(1, heads * n * n // 4 // (nq * nk))
+                qs, ks, vs = (torch.randn(batch, 1, m, dim, generator=g).to(device, dtype) for m in (nq, nk, nk))
+                t = timeit(lambda qs=qs, ks=ks, vs=vs: sdpa(qs, ks, vs), device, repeats)
+                rows.append({"queries": nq, "keys": nk, "relative_cost_per_score": t / (batch * nq * nk) / per_score})
+                print(f"kernel: {nq:4d} queries x {nk:4d} keys: {rows[-1]['relative_cost_per_score']:.2f}x per score of dense")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
@@ -58,6 +81,11 @@ def main() -> None:
     p.add_argument("--backward-length", type=int, default=8192, help="length of the forward + backward run (0: skip)")
     p.add_argument("--backward-densities", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--kernel-table", action="store_true",
+        help="also time the fused SDPA kernel per score at the query/key lengths sparse calls have, "
+        "relative to one dense call (what the engine's row grouping is tuned on)",
+    )
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--out", default="outputs/bench_engine")
     args = p.parse_args()
@@ -178,6 +206,8 @@ def main() -> None:
                 f"peak_mb dense={mem_dense:.0f} sparse={mem:.0f}"
             )
 
+    kernel_rows = kernel_table(device, dtype, args.heads, args.head_dim, args.repeats) if args.kernel_table else []
+
     stats = flex_backend.STATS.as_dict()
     print(f"flex compiles={stats['compiles']} cache_hits={stats['cache_hits']} compile_s={stats['compile_seconds']:.1f}")
     out = Path(args.out)
@@ -188,6 +218,7 @@ def main() -> None:
             "args": vars(args),
             "forward": forward_rows,
             "forward_backward": backward_rows,
+            "kernel": kernel_rows,
             "flex": stats,
         },
     )

@@ -221,14 +221,14 @@ def test_runs_off_cpu_path_match_reference(name, bitmap, n, m, monkeypatch):
 def test_grouped_plan_covers_every_kept_block_once():
     """The pieces of each row tile its run exactly: no block read twice, none left out."""
     from diffattn.ops.gather_attention import _plan
-    from diffattn.ops.run_plan import batch_key_blocks
+    from diffattn.ops.run_plan import piece_blocks
 
     for _, bitmap, n, m in GROUPED:
         bm = BlockMask(bitmap, n, m, 16)
         batches, chunks = _plan(bm, 1, 2, m, 16, 4, in_place=True, group=True, multi_run=True)
         seen = torch.zeros(2 * bm.q_blocks, bm.k_blocks, dtype=torch.int64)
         for b in batches:
-            keys = batch_key_blocks(b, "cpu").view(b.n, b.k_len)
+            keys = piece_blocks(b.k_start, b.k_step, b.k_len, b.n, "cpu").view(b.n, b.k_len)
             for i in range(b.n):
                 for r in range(b.q_start + i * b.q_step, b.q_start + i * b.q_step + b.q_len):
                     seen[r, keys[i] - (r // bm.q_blocks) * bm.k_blocks] += 1

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .block_mask import BlockMask
-from .run_plan import RunBatch, batch_key_blocks, plan_runs, strided_rows
+from .run_plan import RunBatch, piece_blocks, plan_runs, strided_rows
 
 # Bytes of gathered key/value blocks per chunk; bounds peak memory on long sequences without grad.
 _CHUNK_BYTES = 64 * 2**20
@@ -178,12 +178,6 @@ def _plan(
     return bm._cache[key]
 
 
-def _query_blocks(b: RunBatch, device: torch.device) -> torch.Tensor:
-    """The flat query blocks of a batch, piece by piece."""
-    starts = b.q_start + b.q_step * torch.arange(b.n, device=device)
-    return (starts[:, None] + torch.arange(b.q_len, device=device)).reshape(-1)
-
-
 def _workspace(chunks: list[_Chunk], like: torch.Tensor) -> torch.Tensor | None:
     """One scratch buffer for every chunk's gathered blocks (no autograd through it).
 
@@ -291,7 +285,7 @@ class _GatherAttentionCPU(torch.autograd.Function):
             rows(dq).add_(dqc)
             if b.cut:  # the view stopped at kv_len: the padding tokens get no gradient
                 dkc, dvc = F.pad(dkc, (0, 0, 0, b.cut)), F.pad(dvc, (0, 0, 0, b.cut))
-            flat = batch_key_blocks(b, kf.device)
+            flat = piece_blocks(b.k_start, b.k_step, b.k_len, b.n, kf.device)
             dk.index_add_(0, flat, dkc.reshape(-1, bs, dim).float())
             dv.index_add_(0, flat, dvc.reshape(-1, bs, dim).float())
         for c in chunks:
@@ -343,7 +337,7 @@ def gather_attention(
             scale=scale,
         )
         outs.append(o.reshape(b.n * b.q_len, bs, dim))
-        rows_done.append(_query_blocks(b, q.device))
+        rows_done.append(piece_blocks(b.q_start, b.q_step, b.q_len, b.n, q.device))
 
     # Without autograd the gathered blocks are scratch; with it (off CPU) each chunk's gather lives on
     # for the backward.

@@ -25,8 +25,8 @@ import torch
 # Consecutive rows grouped by run length (blocks): measured on the 2-core CPU (fp32, 64-dim heads),
 # a 128-query call costs ~1.2x per score, 256 queries ~1.1x and >= 768 queries ~1.0x of dense attention,
 # while a row's leftover piece of a few blocks costs ~1.4-1.6x. Six rows pay off once the run is long
-# enough that the five leftover blocks are a small share of it; two rows (one leftover block) from
-# six blocks on.
+# enough that the five leftover blocks are a small share of it, two rows (one leftover block) from
+# twelve blocks on (an interleaved sweep of 1-8 rows at 16k tokens; below 12 blocks no grouping won).
 _GROUP_BY_RUN = ((32, 6), (12, 2))
 
 # In rows made of several runs, shorter runs are gathered into one piece with the row's other short
@@ -103,18 +103,22 @@ def _groups(rows: list[int], first: list[int], last: list[int], qb_n: int, group
     return out
 
 
-def _runs(eff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every maximal run of kept blocks in the rows of ``eff``: (row, track, first block, last block),
-    ordered by row then position; ``track`` numbers a row's runs from 0."""
+def _runs(eff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every maximal run of kept blocks in the rows of ``eff``: (row, first block, last block), ordered
+    by row then position."""
     pad = torch.zeros(eff.shape[0], 1, dtype=torch.int8, device=eff.device)
     step = torch.diff(eff.to(torch.int8), dim=1, prepend=pad, append=pad)
     row, a = torch.nonzero(step == 1, as_tuple=True)
     b = torch.nonzero(step == -1, as_tuple=True)[1] - 1
+    return row, a, b
+
+
+def _tracks(row: torch.Tensor) -> torch.Tensor:
+    """For runs sorted by row, each run's number within its row (0, 1, ...)."""
     starts = torch.ones_like(row, dtype=torch.bool)
     starts[1:] = row[1:] != row[:-1]
-    idx = torch.arange(len(row), device=eff.device)
-    track = idx - torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 0).values
-    return row, track, a, b
+    idx = torch.arange(len(row), device=row.device)
+    return idx - torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 0).values
 
 
 def plan_runs(
@@ -138,7 +142,7 @@ def plan_runs(
     if not bool(rows_in.any()):
         return [], covered
     rows_t = torch.nonzero(rows_in).flatten()
-    row, _, a_t, b_t = _runs(eff[rows_t])
+    row, a_t, b_t = _runs(eff[rows_t])
     row = rows_t[row]
     keep = (b_t - a_t + 1 >= MIN_RUN_IN_PLACE) | single[row]
     row, a_t, b_t = row[keep], a_t[keep], b_t[keep]
@@ -151,10 +155,7 @@ def plan_runs(
     marks.index_put_((row, b_t + 1), -one, accumulate=True)
     covered = marks.cumsum(-1)[:, :kb_n] > 0
     rest = (eff & ~covered).any(-1)  # rows whose other blocks the caller gathers (written first)
-    starts = torch.ones_like(row, dtype=torch.bool)
-    starts[1:] = row[1:] != row[:-1]
-    idx = torch.arange(len(row), device=eff.device)
-    track = idx - torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 0).values
+    track = _tracks(row)  # runs of one row are numbered in order; run t of consecutive rows may group
     rest_l = rest.tolist()
 
     by_track: dict[int, tuple[list[int], list[int], list[int]]] = {}
@@ -217,7 +218,8 @@ def strided_rows(x: torch.Tensor, start: int, step: int, length: int, n: int, cu
     return x.as_strided(size, stride, x.storage_offset() + start * row_stride)
 
 
-def batch_key_blocks(b: RunBatch, device: torch.device | str) -> torch.Tensor:
-    """The flat key blocks a batch reads, piece by piece (duplicates where pieces share keys)."""
-    starts = b.k_start + b.k_step * torch.arange(b.n, device=device)
-    return (starts[:, None] + torch.arange(b.k_len, device=device)).reshape(-1)
+def piece_blocks(start: int, step: int, length: int, n: int, device: torch.device | str) -> torch.Tensor:
+    """Flat block indices of ``n`` pieces of ``length`` blocks starting at ``start + i * step``, piece by
+    piece (duplicates where pieces overlap): a batch's query blocks or its key blocks."""
+    starts = start + step * torch.arange(n, device=device)
+    return (starts[:, None] + torch.arange(length, device=device)).reshape(-1)
