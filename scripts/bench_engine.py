@@ -7,6 +7,11 @@ time, cache hits and peak memory are reported separately. Writes ``OUT.json`` an
 
     python scripts/bench_engine.py                      # 4k-32k tokens, 4 heads x 64, fp32
     python scripts/bench_engine.py --lengths 16384 --densities 0.07 0.15 0.3 0.45
+    python scripts/bench_engine.py --lengths 4096 --densities 1.0 --backward-length 0 --kernel-table
+
+Dense and every engine case are timed in turn, round after round (``diffattn.benchmark.interleaved``),
+so drift in the machine's speed lands on all of them alike. ``--kernel-table`` adds the fused SDPA
+kernel's cost per score at the query/key lengths of sparse calls, relative to one dense call.
 """
 
 from __future__ import annotations
