@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .block_mask import BlockMask
-from .run_plan import RunBatch, piece_blocks, plan_runs, strided_rows
+from .run_plan import RunBatch, in_place_runs, piece_blocks, plan_runs, strided_rows
 
 # Bytes of gathered key/value blocks per chunk; bounds peak memory on long sequences without grad.
 _CHUNK_BYTES = 64 * 2**20
@@ -53,7 +53,7 @@ def in_place_fraction(bm: BlockMask) -> float:
         shape = torch.broadcast_shapes(bm.effective_bitmap().shape, bm.full_bitmap().shape)
         eff, _, counts, _, partial_unpadded = _row_plan(bm, shape[0], shape[1])
         # runs stop their key view at kv_len: the tail block's padding needs no token check
-        _, covered = plan_runs(eff, counts, partial_unpadded, bm.q_blocks, 0, group=False, multi_run=True)
+        covered = in_place_runs(eff, counts, partial_unpadded, multi_run=True)[3]
         total = int(counts.sum())
         bm._cache["in_place_fraction"] = float(covered.sum()) / total if total else 0.0
     return bm._cache["in_place_fraction"]

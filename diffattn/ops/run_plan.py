@@ -60,12 +60,12 @@ class RunBatch(NamedTuple):
     first: bool
 
 
-def run_rows(eff: torch.Tensor, counts: torch.Tensor, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows (of a ``(rows, k_blocks)`` bitmap) whose kept blocks are one contiguous run, and run starts."""
+def _single_run_rows(eff: torch.Tensor, counts: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
+    """Rows (of a ``(rows, k_blocks)`` bitmap) whose kept blocks are one contiguous run."""
     kb_n = eff.shape[-1]
     first = eff.to(torch.int8).argmax(-1)
     last = kb_n - 1 - eff.flip(-1).to(torch.int8).argmax(-1)
-    return (counts > 0) & ~partial & (last - first + 1 == counts), first
+    return (counts > 0) & ~partial & (last - first + 1 == counts)
 
 
 def _groups(rows: list[int], first: list[int], last: list[int], qb_n: int, group: bool) -> list[tuple[int, int]]:
@@ -121,39 +121,48 @@ def _tracks(row: torch.Tensor) -> torch.Tensor:
     return idx - torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 0).values
 
 
+def in_place_runs(
+    eff: torch.Tensor, counts: torch.Tensor, partial: torch.Tensor, multi_run: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The runs read in place, as (row, first block, last block) ordered by row then position, and the
+    ``(rows, k_blocks)`` bitmap of the blocks they cover.
+
+    ``partial``: rows that need a token check once the tail block's padding is ignored
+    (``full_bitmap(padded_tail=False)``); they are never read in place. Rows of one run are; with
+    ``multi_run`` so are the runs of at least ``MIN_RUN_IN_PLACE`` blocks in other rows.
+    """
+    single = _single_run_rows(eff, counts, partial)
+    rows_in = ((counts > 0) & ~partial) if multi_run else single
+    rows_t = torch.nonzero(rows_in).flatten()
+    row, a_t, b_t = _runs(eff[rows_t])
+    row = rows_t[row]
+    keep = (b_t - a_t + 1 >= MIN_RUN_IN_PLACE) | single[row]
+    row, a_t, b_t = row[keep], a_t[keep], b_t[keep]
+    # mark the kept runs' blocks: +1 at each start, -1 past each end, summed along the row
+    kb_n = eff.shape[-1]
+    marks = torch.zeros(eff.shape[0], kb_n + 1, dtype=torch.int32, device=eff.device)
+    one = torch.ones_like(row, dtype=torch.int32)
+    marks.index_put_((row, a_t), one, accumulate=True)
+    marks.index_put_((row, b_t + 1), -one, accumulate=True)
+    return row, a_t, b_t, marks.cumsum(-1)[:, :kb_n] > 0
+
+
 def plan_runs(
     eff: torch.Tensor, counts: torch.Tensor, partial: torch.Tensor, qb_n: int, tail_pad: int, group: bool,
     multi_run: bool = False,
 ) -> tuple[list[RunBatch], torch.Tensor]:
     """The kernel calls that read keys in place, and the ``(rows, k_blocks)`` bitmap of blocks they read.
 
-    ``eff``: ``(rows, k_blocks)`` kept blocks; ``partial``: rows that need a token check once the tail
-    block's padding is ignored (``full_bitmap(padded_tail=False)``; never read in place); a piece that
-    ends in the tail block stops ``tail_pad`` tokens early instead. ``group``: share key reads between
-    consecutive rows. ``multi_run``: rows made of several runs read their runs of at least
-    ``MIN_RUN_IN_PLACE`` blocks in place too; their other blocks are left to the caller, whose results
-    must come first (the pieces of such rows are merged, never written). Both need a kernel that returns
-    log-sum-exps; without them every row read in place is one run and one piece.
+    Which runs: :func:`in_place_runs`. A piece that ends in the tail block stops ``tail_pad`` tokens
+    early. ``group``: share key reads between consecutive rows. With ``multi_run`` the blocks of a row
+    not read in place are left to the caller, whose results must come first (the pieces of such rows
+    are merged, never written). Both need a kernel that returns log-sum-exps; without them every row
+    read in place is one run and one piece.
     """
     kb_n = eff.shape[-1]
-    single, _ = run_rows(eff, counts, partial)
-    rows_in = ((counts > 0) & ~partial) if multi_run else single
-    covered = torch.zeros_like(eff)
-    if not bool(rows_in.any()):
-        return [], covered
-    rows_t = torch.nonzero(rows_in).flatten()
-    row, a_t, b_t = _runs(eff[rows_t])
-    row = rows_t[row]
-    keep = (b_t - a_t + 1 >= MIN_RUN_IN_PLACE) | single[row]
-    row, a_t, b_t = row[keep], a_t[keep], b_t[keep]
+    row, a_t, b_t, covered = in_place_runs(eff, counts, partial, multi_run)
     if len(row) == 0:
         return [], covered
-    # mark the kept runs' blocks: +1 at each start, -1 past each end, summed along the row
-    marks = torch.zeros(eff.shape[0], kb_n + 1, dtype=torch.int32, device=eff.device)
-    one = torch.ones_like(row, dtype=torch.int32)
-    marks.index_put_((row, a_t), one, accumulate=True)
-    marks.index_put_((row, b_t + 1), -one, accumulate=True)
-    covered = marks.cumsum(-1)[:, :kb_n] > 0
     rest = (eff & ~covered).any(-1)  # rows whose other blocks the caller gathers (written first)
     track = _tracks(row)  # runs of one row are numbered in order; run t of consecutive rows may group
     rest_l = rest.tolist()
