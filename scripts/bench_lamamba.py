@@ -12,7 +12,12 @@
     tokens), with the growth exponent fitted on log-log from 1k to 16k tokens.
 (c) the selective scan alone: sequential reference vs the chunked scan at 4k tokens (forward, and
     forward + backward) at 64 and 256 channels: the reference's cost per step is mostly per-call
-    overhead, the chunked scan's grows with the channels, so the speedup falls with width.
+    overhead, the chunked scan's grows with the channels, so the speedup falls with width. With
+    ``--device cuda`` mamba-ssm's fused kernel is timed beside them when it imports (its absence is
+    recorded in the JSON, not hidden).
+
+``--device cuda`` runs (b) and (c) on the GPU (the models' scans then take mamba-ssm's kernel when it
+imports: ``selective_scan``'s ``auto``); (a) counts on the meta device either way.
 
 Writes ``OUT.json`` and ``OUT.png`` (default ``docs/bench_lamamba``). ``--quick`` runs (b) at 256 and
 1024 tokens only, (c) at 1k tokens, and writes to ``outputs/bench_lamamba_quick`` unless ``--out``.
@@ -20,6 +25,7 @@ Writes ``OUT.json`` and ``OUT.png`` (default ``docs/bench_lamamba``). ``--quick`
     python scripts/bench_lamamba.py                 # full run (minutes on CPU)
     python scripts/bench_lamamba.py --quick
     python scripts/bench_lamamba.py --skip-timing   # (a) only
+    python scripts/bench_lamamba.py --device cuda --skip-counts --out outputs/bench_lamamba_gpu
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from tqdm import tqdm
 
 from diffattn.benchmark import environment, save_figure, timeit, write_json
 from diffattn.models.lamamba import PAPER_FIGURES, PRESETS, LaMambaDiffModel
-from diffattn.ops.selective_scan import selective_scan_chunked, selective_scan_ref
+from diffattn.ops.selective_scan import _mamba_kernel, selective_scan_chunked, selective_scan_ref
 
 DIT_XL2_PAPER = {"params_m": 675.0, "gflops_256": 118.6, "gflops_512": 524.6}
 
@@ -112,30 +118,37 @@ def _fit(tokens: list[int], times: list[float], lo: int = 1024, hi: int = 16384)
 
 
 @torch.no_grad()
-def part_b(sides: list[int], width: int, heads: int, dit_layers: int, repeats: int) -> dict:
+def part_b(
+    sides: list[int], width: int, heads: int, dit_layers: int, repeats: int, device: str = "cpu"
+) -> dict:
     torch.manual_seed(0)
-    lam = LaMambaDiffModel(
-        sample_size=32,
-        embed_dim=width,
-        num_heads=heads,
-        depths=(2, 2, 2, 2),
-        bottleneck_depth=2,
-        num_classes=10,
-    ).eval()
-    dit = _dit(32, width=width, heads=heads, layers=dit_layers, patch=1, classes=10).eval()
+    lam = (
+        LaMambaDiffModel(
+            sample_size=32,
+            embed_dim=width,
+            num_heads=heads,
+            depths=(2, 2, 2, 2),
+            bottleneck_depth=2,
+            num_classes=10,
+        )
+        .eval()
+        .to(device)
+    )
+    dit = _dit(32, width=width, heads=heads, layers=dit_layers, patch=1, classes=10).eval().to(device)
     rows = []
     for side in tqdm(sides, desc="(b) tokens"):
-        x = torch.randn(1, 4, side, side)
-        t, y = torch.tensor([500]), torch.tensor([1])
+        x = torch.randn(1, 4, side, side, device=device)
+        t, y = torch.tensor([500], device=device), torch.tensor([1], device=device)
         row = {"tokens": side * side, "side": side}
-        row["lamamba_s"] = timeit(lambda x=x, t=t, y=y: lam(x, t, class_labels=y), repeats=repeats)
+        row["lamamba_s"] = timeit(lambda x=x, t=t, y=y: lam(x, t, class_labels=y), device, repeats=repeats)
         try:
-            row["dit_s"] = timeit(lambda x=x, t=t, y=y: dit(x, t, class_labels=y), repeats=repeats)
+            row["dit_s"] = timeit(lambda x=x, t=t, y=y: dit(x, t, class_labels=y), device, repeats=repeats)
         except Exception as exc:  # noqa: BLE001 (report, keep timing the rest)
             row["dit_s"], row["dit_error"] = None, f"{type(exc).__name__}: {exc}"
         rows.append(row)
     tokens = [r["tokens"] for r in rows]
     return {
+        "device": device,
         "width": width,
         "heads": heads,
         "dit_layers": dit_layers,
@@ -147,26 +160,43 @@ def part_b(sides: list[int], width: int, heads: int, dit_layers: int, repeats: i
     }
 
 
-def part_c(length: int, dim: int, repeats: int) -> dict:
+def _mamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    return _mamba_kernel()(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+
+
+def part_c(length: int, dim: int, repeats: int, device: str = "cpu") -> dict:
     g = torch.Generator().manual_seed(0)
     u, dt = torch.randn(1, dim, length, generator=g), torch.randn(1, dim, length, generator=g)
     A = -torch.rand(dim, 1, generator=g) - 0.1
     B, C = torch.randn(1, 1, length, generator=g), torch.randn(1, 1, length, generator=g)
-    D = torch.ones(dim)
-    out = {"length": length, "dim": dim, "d_state": 1}
-    for name, fn in (("reference", selective_scan_ref), ("chunked", selective_scan_chunked)):
+    u, dt, A, B, C, D = (x.to(device) for x in (u, dt, A, B, C, torch.ones(dim)))
+    out = {"length": length, "dim": dim, "d_state": 1, "device": device}
+    backends = {"reference": selective_scan_ref, "chunked": selective_scan_chunked}
+    if torch.device(device).type == "cuda":
+        if _mamba_kernel() is not None:
+            backends["mamba_ssm"] = _mamba_scan
+        else:
+            out["mamba_ssm"] = "not available (mamba_ssm does not import)"
+    for name, fn in backends.items():
         with torch.no_grad():
             out[f"{name}_fwd_s"] = timeit(
-                lambda fn=fn: fn(u, dt, A, B, C, D, delta_softplus=True), repeats=repeats
+                lambda fn=fn: fn(u, dt, A, B, C, D, delta_softplus=True), device, repeats=repeats
             )
         leaf = u.clone().requires_grad_(True)
 
         def fwd_bwd(fn=fn, leaf=leaf):
             fn(leaf, dt, A, B, C, D, delta_softplus=True).sum().backward()
 
-        out[f"{name}_fwd_bwd_s"] = timeit(fwd_bwd, repeats=1, warmup=0)
-    out["speedup_fwd"] = out["reference_fwd_s"] / out["chunked_fwd_s"]
-    out["speedup_fwd_bwd"] = out["reference_fwd_bwd_s"] / out["chunked_fwd_bwd_s"]
+        # the reference's backward is slow: one call (after a warm-up only where it is cheap)
+        warm = 0 if name == "reference" else 1
+        out[f"{name}_fwd_bwd_s"] = timeit(
+            fwd_bwd, device, repeats=1 if name == "reference" else repeats, warmup=warm
+        )
+    for name in backends:
+        if name != "reference":
+            prefix = "" if name == "chunked" else f"{name}_"
+            out[f"{prefix}speedup_fwd"] = out["reference_fwd_s"] / out[f"{name}_fwd_s"]
+            out[f"{prefix}speedup_fwd_bwd"] = out["reference_fwd_bwd_s"] / out[f"{name}_fwd_bwd_s"]
     return out
 
 
@@ -213,7 +243,7 @@ def plot(result: dict, path: Path) -> None:
         axes[1].set_xlabel("tokens")
         axes[1].set_ylabel("forward time (s)")
         axes[1].legend()
-        axes[1].set_title(f"CPU forward time, width {b['width']}")
+        axes[1].set_title(f"{b.get('device', 'cpu').upper()} forward time, width {b['width']}")
     save_figure(fig, path)
     plt.close(fig)
 
@@ -223,6 +253,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="output path without extension (default docs/bench_lamamba)")
     p.add_argument("--quick", action="store_true", help="256 and 1024 tokens only; scan at 1k tokens")
     p.add_argument("--skip-timing", action="store_true", help="only (a): parameters and GFLOPs")
+    p.add_argument("--skip-counts", action="store_true", help="only (b) and (c): the timings")
+    p.add_argument("--device", default="cpu", help="where (b) and (c) run: cpu (default) or cuda")
     p.add_argument(
         "--sides", type=int, nargs="+", default=[16, 32, 48, 64, 96, 128], help="latent sides for (b)"
     )
@@ -233,26 +265,34 @@ def main() -> None:
     p.add_argument("--scan-length", type=int, default=4096)
     p.add_argument("--scan-dims", type=int, nargs="+", default=[64, 256], help="channels (b=1, d_state=1)")
     args = p.parse_args()
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA device here")
+    if args.skip_timing and args.skip_counts:
+        p.error("--skip-timing and --skip-counts together leave nothing to run")
     out = Path(args.out or ("outputs/bench_lamamba_quick" if args.quick else "docs/bench_lamamba"))
     if args.quick:
         args.sides, args.repeats, args.scan_length = [16, 32], 1, 1024
     result: dict = {"environment": environment(), "args": vars(args)}
-    result["a"] = part_a()
+    if not args.skip_counts:
+        result["a"] = part_a()
     if not args.skip_timing:
-        result["c"] = [part_c(args.scan_length, d, args.repeats) for d in args.scan_dims]
-        result["b"] = part_b(args.sides, args.width, args.heads, args.dit_layers, args.repeats)
+        result["c"] = [part_c(args.scan_length, d, args.repeats, args.device) for d in args.scan_dims]
+        result["b"] = part_b(args.sides, args.width, args.heads, args.dit_layers, args.repeats, args.device)
     write_json(out.with_suffix(".json"), result)
     plot(result, out.with_suffix(".png"))
-    for m in result["a"]["models"]:
+    for m in result.get("a", {}).get("models", []):
         print(
             f"{m['model']:45s} params {m['params_m']:8.1f}M  GFLOPs 256px {m['gflops_256']:7.1f}  512px {m['gflops_512']:7.1f}"
         )
-    print("XL saving vs DiT-XL/2:", {k: f"{v:.1%}" for k, v in result["a"]["summary"].items()})
-    if "c" in result:
-        for c in result["c"]:
-            print(
-                f"scan L={c['length']} d={c['dim']}: fwd {c['speedup_fwd']:.1f}x, fwd+bwd {c['speedup_fwd_bwd']:.1f}x"
-            )
+    if "a" in result:
+        print("XL saving vs DiT-XL/2:", {k: f"{v:.1%}" for k, v in result["a"]["summary"].items()})
+    for c in result.get("c", []):
+        line = f"scan L={c['length']} d={c['dim']} on {c['device']}: chunked fwd {c['speedup_fwd']:.1f}x, fwd+bwd {c['speedup_fwd_bwd']:.1f}x"
+        if "mamba_ssm_speedup_fwd" in c:
+            line += f"; mamba_ssm fwd {c['mamba_ssm_speedup_fwd']:.1f}x, fwd+bwd {c['mamba_ssm_speedup_fwd_bwd']:.1f}x"
+        elif "mamba_ssm" in c:
+            line += f"; mamba_ssm {c['mamba_ssm']}"
+        print(line + " (vs the sequential reference)")
     if "b" in result:
         b = result["b"]
         for r in b["rows"]:

@@ -10,12 +10,13 @@
 # Each step has its own time limit, so one slow step does not cost the others. Logs, JSON and PNG
 # go to OUT_DIR (default outputs/gpu_check). STEPS="test_cuda bench_agent" runs a subset; TEST_ARGS
 # is passed to pytest (e.g. "-k agent").
-# STEPS="mamba test_cuda" TEST_ARGS="-k scan" first builds mamba-ssm's selective-scan kernel from the
-# sdist in .whl/ for this GPU only (scripts/build_mamba_scan.py; needs nvcc; the build folder .build/
-# persists while the machine stays warm, so a timed-out build resumes on the next call) and puts it on
-# PYTHONPATH for the tests.
+# STEPS="mamba test_cuda bench_lamamba" also builds mamba-ssm's selective-scan kernel from the sdist in
+# .whl/ for this GPU only (scripts/build_mamba_scan.py; needs nvcc; the build folder .build/ persists
+# while the machine stays warm, so a timed-out build resumes on the next call) beside test_cuda, then
+# puts it on PYTHONPATH and reruns the scan and LaMamba tests (step test_mamba) against it;
+# bench_lamamba times the scan backends and LaMamba-Diff vs DiT on the GPU.
 set -u
-STEPS=${STEPS:-test_cuda bench_engine bench_radial bench_hilbert_local bench_agent}
+STEPS=${STEPS:-test_cuda bench_engine bench_radial bench_hilbert_local bench_agent bench_lamamba}
 OUT_DIR=${1:-outputs/gpu_check}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
@@ -44,20 +45,36 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to OUT_DIR/NAME.log,
     | grep -v 'Warning\|warn(' | cut -c1-260 | tail -n 60
 }
 
+MAMBA_PID=
 if [[ " $STEPS " == *" mamba "* ]]; then
+  # the build is CPU work (nvcc) and test_cuda is mostly GPU work: the build runs beside test_cuda, on
+  # all cores but four, and the mamba tests run once it has finished
   mkdir -p .build
   ls -d .build/mamba_ssm-*/ >/dev/null 2>&1 || tar xzf .whl/mamba_ssm-*.tar.gz -C .build || echo "no mamba-ssm sdist in .whl/"
   MAMBA_SRC=$(ls -d .build/mamba_ssm-*/ 2>/dev/null | head -1)
   if ! command -v nvcc >/dev/null; then
     echo "== mamba: no nvcc on this machine: the kernel cannot be built here"
   elif [ -n "$MAMBA_SRC" ]; then
-    step mamba "${MAMBA_LIMIT:-420}" python3 scripts/build_mamba_scan.py "$MAMBA_SRC" --build-dir .build/mamba_ext
-    grep -E 'built|imports|error' "$OUT_DIR/mamba.log" | tail -5
-    PYTHONPATH=$(python3 scripts/build_mamba_scan.py "$MAMBA_SRC" --build-dir .build/mamba_ext --print-path)${PYTHONPATH:+:$PYTHONPATH}
-    export PYTHONPATH
+    nproc_build=$(( $(nproc) > 8 ? $(nproc) - 4 : $(nproc) ))
+    ( MAX_JOBS=$nproc_build timeout "${MAMBA_LIMIT:-420}" python3 scripts/build_mamba_scan.py "$MAMBA_SRC" \
+        --build-dir .build/mamba_ext >"$OUT_DIR/mamba.log" 2>&1; echo $? >/tmp/mamba_build.rc ) &
+    MAMBA_PID=$!
+    MAMBA_T0=$SECONDS
   fi
 fi
 step test_cuda "${TEST_LIMIT:-240}" python3 -m pytest tests/test_cuda.py -q -s -p no:cacheprovider -W ignore ${TEST_ARGS:-}
+if [ -n "$MAMBA_PID" ]; then
+  wait "$MAMBA_PID"
+  echo "== mamba build: rc=$(cat /tmp/mamba_build.rc) in $((SECONDS - MAMBA_T0)) s (beside test_cuda)"
+  grep -E 'built|imports|error' "$OUT_DIR/mamba.log" | head -12
+  PYTHONPATH=$(python3 scripts/build_mamba_scan.py "$MAMBA_SRC" --build-dir .build/mamba_ext --print-path)${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH
+  STEPS="$STEPS test_mamba"
+fi
+step test_mamba "${TEST_LIMIT:-240}" python3 -m pytest tests/test_cuda.py -q -s -p no:cacheprovider -W ignore \
+  -k "scan or lamamba"
+step bench_lamamba "${BENCH_LIMIT:-120}" python3 scripts/bench_lamamba.py --device cuda --skip-counts \
+  --out "$OUT_DIR/bench_lamamba_gpu"
 step bench_engine "${BENCH_LIMIT:-120}" python3 scripts/bench_engine.py --lengths 16384 32768 \
   --densities 0.07 0.15 0.3 0.45 1.0 --heads 12 --head-dim 128 --dtype bf16 --repeats 10 \
   --backward-length 16384 --out "$OUT_DIR/bench_engine_gpu"

@@ -6,6 +6,8 @@ the GPU benchmarks). Every check compares against a reference, not just shapes:
 - the engine's backends on CUDA against the explicit fp64 reference (forward and q/k/v gradients;
   fp32 <= 1e-5 as on CPU, fp16 / bf16 against the fp32 reference at 1e-2 / 3e-2);
 - the chunked selective scan on CUDA against the sequential reference (the tolerance of the CPU test);
+  mamba-ssm's fused kernel (where it imports) against the same reference, forward and gradients, and a
+  LaMamba-Diff model run on it against the same model on the chunked scan;
 - each method's processor on a zoo pipeline: the CUDA output equals the CPU output of the same method
   and seed (fp32, 5e-3 on outputs in [0, 1]: a few denoising steps of reordered fp32 sums; measured
   6e-6 to 3.4e-3 on an H200) and bf16 runs finite;
@@ -146,6 +148,69 @@ def test_selective_scan_auto_backend_on_cuda():
     out = selective_scan(**inp, delta_softplus=True)
     print(f"\n[cuda] selective_scan auto backend on CUDA: {which}")
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+# mamba-ssm's own test tolerance for its fp32 kernel (tests/ops/test_selective_scan.py: rtol 6e-4,
+# atol 2e-3); here relative to each tensor's scale, as _close does
+MAMBA_TOL = {"rtol": 6e-4, "atol": 2e-3}
+
+
+@pytest.mark.parametrize("case", ["random", "odd_length", "length_1", "grouped_bc", "strongly_negative_A", "large_delta", "long"])
+def test_selective_scan_mamba_kernel_on_cuda(case):
+    """``backend="mamba_ssm"`` (mamba-ssm's fused kernel) against the sequential reference, forward and
+    every input's gradient; skipped where mamba_ssm does not import (``gpu_check.sh``'s mamba step
+    builds it)."""
+    import functools
+
+    from test_selective_scan import CASES as SCAN_CASES
+    from test_selective_scan import _grads, _inputs
+
+    from diffattn.ops.selective_scan import selective_scan, selective_scan_ref
+
+    if DEV != "cuda" or _try_import_mamba() is None:
+        pytest.skip("mamba_ssm does not import here")
+    inputs = {k: v.to(DEV) for k, v in _inputs(**SCAN_CASES[case]).items()}
+    out, grads = _grads(functools.partial(selective_scan, backend="mamba_ssm"), inputs)
+    ref, ref_grads = _grads(selective_scan_ref, inputs)
+    for what, a, e in [("forward", out, ref)] + [(f"grad {k}", grads[k], ref_grads[k]) for k in ref_grads]:
+        scale = max(1.0, e.abs().max().item())
+        _report(f"mamba_ssm scan {case} {what} (scale {scale:.1f})", (a - e).abs().max().item())
+        torch.testing.assert_close(
+            a, e, atol=MAMBA_TOL["atol"] * scale, rtol=MAMBA_TOL["rtol"], msg=lambda m, w=what: f"{w}: {m}"
+        )
+
+
+def test_lamamba_model_on_mamba_kernel_matches_chunked():
+    """A LaMamba-Diff U-Net (four serpentine scans per SS2D, every block) gives the same output and
+    parameter gradients on mamba-ssm's kernel as on the chunked scan (fp32), and runs finite in bf16."""
+    from test_lamamba import randomize, tiny_model
+
+    from diffattn.models import SS2D
+
+    if DEV != "cuda" or _try_import_mamba() is None:
+        pytest.skip("mamba_ssm does not import here")
+    model = randomize(tiny_model()).to(DEV).eval()  # eval: no class-label dropout between the two runs
+    x = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(0)).to(DEV)  # rectangular
+    t, y = torch.tensor([10, 700], device=DEV), torch.tensor([3, 7], device=DEV)
+    results = {}
+    for backend in ("chunked", "mamba_ssm"):
+        for m in model.modules():
+            if isinstance(m, SS2D):
+                m.scan_backend = backend
+        model.zero_grad()
+        out = model(x, t, class_labels=y).sample
+        out.square().mean().backward()
+        results[backend] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (out_c, g_c), (out_m, g_m) = results["chunked"], results["mamba_ssm"]
+    scale = max(1.0, out_c.abs().max().item())
+    _report("lamamba model mamba_ssm vs chunked forward", (out_m - out_c).abs().max().item())
+    torch.testing.assert_close(out_m, out_c, atol=MAMBA_TOL["atol"] * scale, rtol=MAMBA_TOL["rtol"])
+    worst = max(((g_m[n] - g_c[n]).abs().max() / g_c[n].abs().max().clamp_min(1e-6)).item() for n in g_c)
+    _report("lamamba model mamba_ssm vs chunked grads (max error / grad scale)", worst)
+    bad = sorted(((g_m[n] - g_c[n]).abs().max().item(), g_c[n].abs().max().item(), n) for n in g_c)[-5:]
+    assert worst <= 1e-2, (worst, bad)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.isfinite(model(x, t, class_labels=y).sample).all()
 
 
 def _try_import_mamba():
