@@ -1,10 +1,14 @@
 """Testbed for regional control: a base UNet on multi-digit scenes, a ROICtrl adapter on it, and the
 instance success rate of three ways to place digits in boxes.
 
-1. ``base``: the ``digits-unet`` architecture (pixel space, untrained, seeded) trained from scratch with
-   the ``full`` recipe on 64x64 scenes (1-4 digits in non-overlapping boxes) with their **global captions
-   only** (``"a 3, a 7 and a 1"``), the testbed's digits-unet settings (batch 32, AdamW 1e-3 cosine, 100
-   warmup steps, caption dropout 0.1, EMA 0.999);
+1. ``base``: the ``digits-unet`` architecture (pixel space) trained with the ``full`` recipe on 64x64
+   scenes (1-4 digits in non-overlapping boxes) with their **global captions only** (``"a 3, a 7 and a
+   1"``), the testbed's digits-unet settings (batch 32, AdamW 1e-3 cosine, 100 warmup steps, caption
+   dropout 0.1, EMA 0.999). ``--base-init digits-unet`` (the default) starts from the shipped
+   ``digits-unet`` (32x32 single digits, captions ``"a 3"``), the way ROICtrl starts from an SD model that
+   already knows its objects by name: the adapter reuses the base's own cross-attention on each box, so
+   a base that cannot draw "a 3" gives it nothing to reuse. ``--base-init scratch`` starts from random
+   weights (seeded);
 2. ``adapter``: recipe ``roictrl`` on the same scenes' ``boxes.jsonl`` (boxes + ``"a 3"`` per box), the
    base frozen, ROI grids 8 (32x32 level) and 4 (16x16 level);
 3. ``eval``: held-out layouts (digits from the held-out split); each is generated three ways with the same
@@ -46,14 +50,17 @@ def export_scenes(folder: Path, count: int, split: str, seed: int) -> Path:
 def train_base(run: Path, args: argparse.Namespace) -> Path:
     from diffattn.lora.trainer import TrainConfig, train
 
-    from diffattn.testbed.models import build_digits_unet
+    from diffattn.testbed.models import build_digits_unet, weights_dir
 
     out = run / "base"
     if (out / "pipeline" / "model_index.json").is_file():
         return out / "pipeline"
-    init = run / "init"
-    if not (init / "model_index.json").is_file():
-        build_digits_unet(args.seed).save_pretrained(init)
+    if args.base_init == "digits-unet":
+        init = weights_dir("digits-unet")
+    else:
+        init = run / "init"
+        if not (init / "model_index.json").is_file():
+            build_digits_unet(args.seed).save_pretrained(init)
     data = export_scenes(run / "scenes", args.count, "train", args.seed)
     cfg = TrainConfig(
         recipe="full", model=str(init), data=str(data), output=str(out), seed=args.seed, resolution=CANVAS,
@@ -152,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--run", default="outputs/roictrl-testbed")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--count", type=int, default=2000, help="training scenes")
+    ap.add_argument("--base-init", dest="base_init", choices=["digits-unet", "scratch"], default="digits-unet",
+                    help="the base's starting weights: the shipped digits-unet (default) or random")
     ap.add_argument("--base-steps", dest="base_steps", type=int, default=2000)
     ap.add_argument("--adapter-steps", dest="adapter_steps", type=int, default=1500)
     ap.add_argument("--adapter-lr", dest="adapter_lr", type=float, default=5e-4)

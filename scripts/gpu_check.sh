@@ -6,7 +6,7 @@
 # Wheels placed in .whl/ (diffusers, transformers, peft, tomesd: the versions CI uses) are installed
 # into /tmp/site first; the project itself is installed without dependencies. Then:
 #   1. tests/test_cuda.py (engine, selective scan, every method's processor, LoRA training on CUDA);
-#   2. the engine, radial, Hilbert-local and agent benchmarks in bf16 / fp16 on the GPU.
+#   2. the engine, radial, Hilbert-local, agent, LaMamba and ROICtrl benchmarks in bf16 / fp16 / fp32 on the GPU.
 # Each step has its own time limit, so one slow step does not cost the others. Logs, JSON and PNG
 # go to OUT_DIR (default outputs/gpu_check). STEPS="test_cuda bench_agent" runs a subset; TEST_ARGS
 # is passed to pytest (e.g. "-k agent").
@@ -16,7 +16,7 @@
 # puts it on PYTHONPATH and reruns the scan and LaMamba tests (step test_mamba) against it;
 # bench_lamamba times the scan backends and LaMamba-Diff vs DiT on the GPU.
 set -u
-STEPS=${STEPS:-test_cuda bench_engine bench_radial bench_hilbert_local bench_agent bench_lamamba}
+STEPS=${STEPS:-test_cuda bench_engine bench_radial bench_hilbert_local bench_agent bench_lamamba bench_roictrl}
 OUT_DIR=${1:-outputs/gpu_check}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
@@ -41,7 +41,7 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to OUT_DIR/NAME.log,
   timeout "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
   local rc=$?
   echo "== $name: rc=$rc in $((SECONDS - t0)) s"
-  grep -E '^\[cuda\]|skipped|passed|failed|FAILED|Error|efficiency|speedup|PASS|FAIL|unet |layer |compiles' "$OUT_DIR/$name.log" \
+  grep -E '^\[cuda\]|skipped|passed|failed|FAILED|Error|efficiency|speedup|PASS|FAIL|unet |layer |compiles|px: ' "$OUT_DIR/$name.log" \
     | grep -v 'Warning\|warn(' | cut -c1-260 | tail -n 60
 }
 
@@ -84,3 +84,5 @@ step bench_hilbert_local "${BENCH_LIMIT:-120}" python3 scripts/bench_hilbert_loc
   --repeats 10 --out "$OUT_DIR/bench_hilbert_local_gpu"
 step bench_agent "${BENCH_LIMIT:-120}" python3 scripts/bench_agent.py --device cuda --dtype fp16 --sizes 512 1024 \
   --rounds 10 --layer-rounds 10 --out "$OUT_DIR/bench_agent_gpu"
+step bench_roictrl "${BENCH_LIMIT:-120}" python3 scripts/bench_roictrl.py --device cuda --dtype fp16 --rounds 10 \
+  --out "$OUT_DIR/bench_roictrl_gpu"
