@@ -109,7 +109,13 @@ def _dense_fusion(block, hidden, base, boxes, embeds, mask, hw, p, cross):
     return (g + torch.tanh(block.fuse_gate) * (fused - g)).reshape(b, length, d)
 
 
-def test_online_fusion_matches_dense_softmax():
+@pytest.mark.parametrize("group_elements", [None, 1], ids=["one_group", "group_per_instance"])
+def test_online_fusion_matches_dense_softmax(monkeypatch, group_elements):
+    """The windowed scatter fusion equals one dense softmax over full-size maps, output and gradients
+    (1e-5), with boxes of different sizes, a padded slot, a box too thin to cover a pixel centre, and the
+    instance windows processed at once or one per group."""
+    if group_elements is not None:
+        monkeypatch.setattr(ROIBlockAdapter, "FUSE_GROUP_ELEMENTS", group_elements)
     torch.manual_seed(0)
     d, h, w, p = 8, 12, 10, 4
     block = ROIBlockAdapter(d, 6, 2, gligen=False)
@@ -121,18 +127,27 @@ def test_online_fusion_matches_dense_softmax():
     def cross(tok, ctx):
         return tok + lin(ctx).mean(1, keepdim=True)
 
-    hidden = torch.randn(2, h * w, d)
-    base = torch.randn(2, h * w, d)
-    boxes = torch.tensor(BOXES).expand(2, -1, -1).clone()
+    hidden = torch.randn(2, h * w, d, requires_grad=True)
+    base = torch.randn(2, h * w, d, requires_grad=True)
+    boxes = torch.tensor(BOXES + [[0.51, 0.2, 0.54, 0.9]]).expand(2, -1, -1).clone()  # the last: no column centre
     boxes[1, 0] = torch.tensor([0.2, 0.0, 1.0, 0.45])
-    embeds = torch.randn(2, 3, 5, 6)
-    mask = torch.tensor([[True, True, True], [True, False, True]])
+    embeds = torch.randn(2, 4, 5, 6)
+    mask = torch.tensor([[True, True, True, True], [True, False, True, True]])
     got = block(hidden, base, boxes, embeds, mask, (h, w), p, cross)
     ref = _dense_fusion(block, hidden, base, boxes, embeds, mask, (h, w), p, cross)
     assert (got - ref).abs().max() <= 1e-5
     # outside every box: exactly the global output
     cover = (box_masks(boxes, (h, w)) & mask[..., None]).any(1)
-    assert torch.equal(got[~cover], base[~cover])
+    assert torch.equal(got[~cover], base.detach()[~cover])
+    leaves = [hidden, base, *block.parameters(), *lin.parameters()]
+    weight = torch.randn(got.shape)
+    g_got = torch.autograd.grad((got * weight).sum(), leaves, allow_unused=True)
+    g_ref = torch.autograd.grad((ref * weight).sum(), leaves, allow_unused=True)
+    for a, e in zip(g_got, g_ref):
+        if e is None:
+            assert a is None or a.abs().max() == 0
+            continue
+        assert (a - e).abs().max() <= 1e-5 * max(1.0, e.abs().max().item())
 
 
 def test_instance_order_and_padding_invariance(sd):

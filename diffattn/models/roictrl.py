@@ -12,9 +12,10 @@ One :class:`ROIBlockAdapter` per UNet transformer block, run right after the blo
    with the instance maps by a per-pixel softmax over the ``N + 1`` slots. Logits: a 1x1 convolution of
    each slot's features plus a slot gate (a learned bias for the global slot; for an instance slot a linear
    function of its pooled ROI features, so the gate does not depend on instance order). A slot whose map is
-   empty at a pixel is left out there. The softmax is computed **online**, instance by instance (running
-   max and sum over the box's pixel rectangle only), so memory grows with the boxes' area, not with
-   ``N x H x W``;
+   empty at a pixel is left out there. No instance map is ever full-size: each instance is unpooled onto
+   a window around its box only, and the windows' softmax terms are scattered onto one running max, sum
+   and weighted sum per pixel, so memory grows with the boxes' area, not with ``N x H x W`` (see
+   :meth:`ROIBlockAdapter._fuse`);
 5. the fused map enters through its own zero-initialised gate, ``global + tanh(a) * (fused - global)``;
 6. optional (``gligen=True``): a GLIGEN-style gated self-attention over ``[visual tokens; grounding
    tokens]`` (grounding token = MLP of the box's Fourier embedding and the pooled instance caption) and a
@@ -41,7 +42,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..ops.roi_align import roi_align
-from ..ops.roi_unpool import box_pixel_range, unpool_region
+from ..ops.roi_unpool import box_pixel_spans, unpool_windows
 
 __all__ = ["MAX_INSTANCES", "ROIBlockAdapter", "ROICtrlAdapter", "fourier_box_embedding", "layer_key"]
 
@@ -134,6 +135,8 @@ class ROIBlockAdapter(nn.Module):
         hw: tuple[int, int],
         roi_size: int,
         cross_attention: CrossAttention,
+        host_boxes: torch.Tensor | None = None,
+        host_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The block's cross-attention output with the instances fused in.
 
@@ -144,15 +147,21 @@ class ROIBlockAdapter(nn.Module):
             mask: ``(B, N)`` bool, False for padding.
             hw: the token grid ``(H, W)``; roi_size: ``P``.
             cross_attention: ``(tokens (M, T, D), context (M, L, Dc)) -> (M, T, D)``, the block's own ``attn2``.
+            host_boxes, host_mask: CPU copies of ``boxes`` and ``mask`` (made here when not given).
         """
         b, length, d = hidden_states.shape
         h, w = hw
         n = boxes.shape[1]
         dt = global_out.dtype
         p = roi_size
-        valid = mask.reshape(-1).nonzero().flatten()
-        if n == 0 or valid.numel() == 0:
+        # which instances run, and where their windows lie, are decided on the host: a device tensor read
+        # per instance and layer would stall a GPU's queue once each (the caller passes host copies)
+        if host_boxes is None or host_mask is None:
+            host_boxes, host_mask = boxes.detach().cpu(), mask.cpu()
+        valid_host = host_mask.reshape(-1).nonzero().flatten()
+        if n == 0 or valid_host.numel() == 0:
             return global_out
+        valid = valid_host.to(boxes.device, non_blocking=True)
         # --- ROI branch on valid instances only
         fmap = hidden_states.transpose(1, 2).reshape(b, d, h, w)
         roi = roi_align(fmap, boxes, p)  # (B, N, D, P, P)
@@ -161,39 +170,12 @@ class ROIBlockAdapter(nn.Module):
         r = cross_attention(tokens, context)
         r = r + torch.tanh(self.roi_alpha).to(dt) * self.roi_attn(self.roi_norm(r))
         inst_gate = self.instance_gate(r.mean(1))[:, 0]  # (M,)
-        full = r.new_zeros(b * n, p * p, d).index_copy(0, valid, r).view(b, n, p, p, d)
-        gates = r.new_zeros(b * n).index_copy(0, valid, inst_gate).view(b, n)
-        roi_maps = full.permute(0, 1, 4, 2, 3)  # (B, N, D, P, P)
-
-        # --- online softmax over [global, instances] per pixel
-        g = global_out.view(b, h, w, d)
-        run_max = self._slot_logit(g) + self.global_gate.to(dt)
-        run_sum = torch.ones_like(run_max)
-        acc = g.clone()
-        for i in range(n):
-            present = mask[:, i]
-            if not bool(present.any()):
-                continue
-            used = boxes[present, i]
-            rows = box_pixel_range(used, h, axis=1)
-            cols = box_pixel_range(used, w, axis=0)
-            if rows[0] == rows[1] or cols[0] == cols[1]:
-                continue
-            vals, inside = unpool_region(roi_maps[:, i], boxes[:, i], (h, w), rows, cols)
-            inside = inside[:, 0] & present[:, None, None]  # (B, h', w')
-            u = vals.permute(0, 2, 3, 1)  # (B, h', w', D)
-            logit = self._slot_logit(u) + gates[:, i, None, None]
-            logit = logit.masked_fill(~inside, float("-inf"))
-            sl = (slice(None), slice(*rows), slice(*cols))
-            m_old, s_old, a_old = run_max[sl].clone(), run_sum[sl].clone(), acc[sl].clone()
-            m_new = torch.maximum(m_old, logit)
-            e_old, e_new = torch.exp(m_old - m_new), torch.exp(logit - m_new)
-            run_max[sl] = m_new
-            run_sum[sl] = s_old * e_old + e_new
-            acc[sl] = a_old * e_old[..., None] + e_new[..., None] * u
-        fused = acc / run_sum[..., None]
-        out = g + torch.tanh(self.fuse_gate).to(dt) * (fused - g)
-        out = out.reshape(b, length, d)
+        maps = r.transpose(1, 2).reshape(-1, d, p, p)  # (M, D, P, P)
+        fused = self._fuse(
+            global_out.view(b, h, w, d), maps, inst_gate, boxes.flatten(0, 1)[valid],
+            host_boxes.reshape(-1, 4)[valid_host], valid_host // n,
+        )
+        out = global_out + torch.tanh(self.fuse_gate).to(dt) * (fused.reshape(b, length, d) - global_out)
 
         if self.gligen:
             pooled = embeds.mean(2)  # (B, N, Dc)
@@ -204,6 +186,74 @@ class ROIBlockAdapter(nn.Module):
             out = out + torch.tanh(self.gsa_gate).to(dt) * gsa
             out = out + torch.tanh(self.ff_gate).to(dt) * self.ff(self.ff_norm(out))
         return out
+
+    # elements of unpooled instance windows held at once: one full-size (B, H, W, D) map's worth or this,
+    # whichever is larger, so many small boxes go through in one group and large ones in a few
+    FUSE_GROUP_ELEMENTS = 1 << 22
+
+    def _fuse(
+        self,
+        g: torch.Tensor,
+        maps: torch.Tensor,
+        gates: torch.Tensor,
+        boxes: torch.Tensor,
+        host_boxes: torch.Tensor,
+        batch_of: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-pixel softmax over the global slot and the instances covering the pixel.
+
+        ``g`` ``(B, H, W, D)`` global output; ``maps`` ``(M, D, P, P)`` instance ROI maps with instance gates
+        ``gates`` ``(M,)``, boxes ``boxes`` ``(M, 4)`` (host copy ``host_boxes``) and batch item
+        ``batch_of`` ``(M,)`` (host). Returns the fused ``(B, H, W, D)``.
+
+        Every instance is unpooled onto a window of one size around its box (the largest box's pixel
+        span), all instances in one call. The slot logit is linear in the features and bilinear
+        unpooling is linear too, so the logits are the unpooled 1-channel logit maps: a first cheap pass
+        gets every pixel's maximum logit (a scatter-max; treated as a constant, which the softmax is
+        invariant to). A second pass, in groups bounded by :attr:`FUSE_GROUP_ELEMENTS`, scatter-adds
+        each window's ``exp(logit - max)`` and its weighted features into the per-pixel sum and
+        accumulator. Pixels outside every box keep exactly ``g``.
+        """
+        b, h, w, d = g.shape
+        dt, dev = g.dtype, g.device
+        # host side: window origin per instance, one window size for all
+        r_lo, r_hi = box_pixel_spans(host_boxes, h, axis=1)
+        c_lo, c_hi = box_pixel_spans(host_boxes, w, axis=0)
+        covers = (r_hi > r_lo) & (c_hi > c_lo)
+        if not bool(covers.any()):
+            return g
+        keep = covers.nonzero().flatten()
+        wh, ww = int((r_hi - r_lo)[keep].max()), int((c_hi - c_lo)[keep].max())
+        r0, c0 = torch.minimum(r_lo[keep], torch.tensor(h - wh)), torch.minimum(c_lo[keep], torch.tensor(w - ww))
+        rows = r0[:, None] + torch.arange(wh)
+        cols = c0[:, None] + torch.arange(ww)
+        pix = (batch_of[keep][:, None, None] * h + rows[:, :, None]) * w + cols[:, None, :]  # (K, wh, ww)
+        keep_d = keep.to(dev, non_blocking=True)
+        pix = pix.to(dev, non_blocking=True).flatten()
+        origins = torch.stack([r0, c0], 1).to(dev, non_blocking=True)
+        maps, gates, boxes = maps[keep_d], gates[keep_d], boxes[keep_d]
+
+        flat_g = g.reshape(-1, d)
+        logit_g = self._slot_logit(flat_g) + self.global_gate.to(dt)  # (B*H*W,)
+        weight = self.fuse_conv.weight.view(1, -1).to(dt)
+        logit_maps = F.linear(maps.transpose(1, 3), weight).transpose(1, 3)  # (K, 1, P, P): bias added below
+        lv, inside = unpool_windows(logit_maps, boxes, (h, w), origins, (wh, ww))
+        logit = lv[:, 0] + (self.fuse_conv.bias.to(dt) + gates)[:, None, None]
+        logit = logit.masked_fill(~inside[:, 0], float("-inf")).flatten()  # (K*wh*ww,)
+        top = logit_g.detach().scatter_reduce(0, pix, logit.detach(), "amax", include_self=True)
+        e_g = torch.exp(logit_g - top)
+        total = e_g
+        acc = flat_g * e_g[:, None]
+        per = wh * ww
+        group = max(1, max(self.FUSE_GROUP_ELEMENTS, g.numel()) // (per * d))
+        for s in range(0, keep.numel(), group):
+            sl = slice(s, s + group)
+            u, _ = unpool_windows(maps[sl], boxes[sl], (h, w), origins[sl], (wh, ww))  # (k, D, wh, ww)
+            idx = pix[s * per : (s + group) * per]
+            e = torch.exp(logit[s * per : (s + group) * per] - top[idx])
+            total = total.index_add(0, idx, e)
+            acc = acc.index_add(0, idx, e[:, None] * u.permute(0, 2, 3, 1).reshape(-1, d))
+        return (acc / total[:, None]).view(b, h, w, d)
 
 
 class ROICtrlAdapter(ModelMixin, ConfigMixin):

@@ -8,33 +8,31 @@ coordinates clamped to the outermost cell centres: pixels within half a bin of t
 cells' values. Every covered pixel therefore gets a value (the reference CUDA kernel leaves a strip along
 the right and bottom edges at zero), and every other pixel is exactly zero.
 
-One ``grid_sample`` call covers all boxes; :func:`unpool_region` computes only a rectangle of the map,
-which is how the ROICtrl adapter keeps memory proportional to box area.
+One ``grid_sample`` call covers all boxes; :func:`unpool_region` computes only a rectangle of the map and
+:func:`unpool_windows` a window of one size placed per box, which is how the ROICtrl adapter keeps memory
+proportional to box area.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 
 from .roi_align import check_boxes
 
-__all__ = ["box_pixel_range", "roi_unpool", "unpool_region"]
+__all__ = ["box_pixel_spans", "roi_unpool", "unpool_region", "unpool_windows"]
 
 
-def box_pixel_range(boxes: torch.Tensor, size: int, axis: int) -> tuple[int, int]:
-    """Half-open index range ``[lo, hi)`` along ``axis`` (0 = x, 1 = y) that contains every pixel whose
-    centre lies in any of ``boxes`` (``(..., 4)`` normalized), plus at most one pixel each side."""
+def box_pixel_spans(boxes: torch.Tensor, size: int, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per box, the half-open index range ``[lo, hi)`` along ``axis`` (0 = x, 1 = y) that contains every
+    pixel whose centre lies in the box, plus at most one pixel each side: ``(lo, hi)``, int64 like
+    ``boxes[..., 0]``. ``hi == lo`` for a box that covers no pixel centre."""
     lo_edge = boxes[..., axis].detach().double() * size
     hi_edge = boxes[..., axis + 2].detach().double() * size
-    if lo_edge.numel() == 0:
-        return 0, 0
     # one pixel of slack on each side: the op's own inside test (in the features' dtype) decides exactly
-    lo = max(0, math.ceil(float(lo_edge.min()) - 0.5) - 1)
-    hi = min(size, math.floor(float(hi_edge.max()) - 0.5) + 2)
-    return lo, max(lo, hi)
+    lo = (torch.ceil(lo_edge - 0.5) - 1).clamp(min=0).long()
+    hi = (torch.floor(hi_edge - 0.5) + 2).clamp(max=size).long()
+    return lo, torch.maximum(lo, hi)
 
 
 def unpool_region(
@@ -55,16 +53,42 @@ def unpool_region(
     Returns:
         ``values`` ``(M, C, h, w)`` (zero outside each box) and ``inside`` ``(M, 1, h, w)`` bool.
     """
-    m, _, ph, pw = roi_features.shape
     h, w = output_hw
     r0, r1 = rows if rows is not None else (0, h)
     c0, c1 = cols if cols is not None else (0, w)
+    origins = torch.tensor([[r0, c0]], device=roi_features.device).expand(roi_features.shape[0], 2)
+    return unpool_windows(roi_features, boxes, output_hw, origins, (r1 - r0, c1 - c0))
+
+
+def unpool_windows(
+    roi_features: torch.Tensor,
+    boxes: torch.Tensor,
+    output_hw: tuple[int, int],
+    origins: torch.Tensor,
+    window: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ROI-Unpool of ``M`` boxes, box ``m`` restricted to the ``window`` of the ``H x W`` map whose top-left
+    pixel is ``origins[m]`` (``(row, col)``): every box in one ``grid_sample`` call, however far apart.
+
+    Args:
+        roi_features: ``(M, C, Ph, Pw)``.
+        boxes: ``(M, 4)`` normalized ``x1, y1, x2, y2``.
+        output_hw: ``(H, W)`` of the full map the boxes are scaled to.
+        origins: ``(M, 2)`` integer ``(row, col)`` of each window (on ``roi_features``' device).
+        window: ``(h, w)`` of every window.
+
+    Returns:
+        ``values`` ``(M, C, h, w)`` (zero outside each box) and ``inside`` ``(M, 1, h, w)`` bool.
+    """
+    _, _, ph, pw = roi_features.shape
+    h, w = output_hw
+    wh, ww = window
     dev, dt = roi_features.device, roi_features.dtype
     bx = boxes.to(dt)
     x1, y1 = bx[:, 0:1] * w, bx[:, 1:2] * h  # (M, 1), map units
     x2, y2 = bx[:, 2:3] * w, bx[:, 3:4] * h
-    cy = torch.arange(r0, r1, device=dev, dtype=dt) + 0.5  # pixel centres
-    cx = torch.arange(c0, c1, device=dev, dtype=dt) + 0.5
+    cy = origins[:, 0:1].to(dt) + (torch.arange(wh, device=dev, dtype=dt) + 0.5)  # (M, h) pixel centres
+    cx = origins[:, 1:2].to(dt) + (torch.arange(ww, device=dev, dtype=dt) + 0.5)
     inside = ((cy >= y1) & (cy <= y2))[:, :, None] & ((cx >= x1) & (cx <= x2))[:, None, :]  # (M, h, w)
     tiny = torch.finfo(dt).tiny
     bin_h = ((y2 - y1) / ph).clamp(min=tiny)
@@ -74,8 +98,8 @@ def unpool_region(
     v = (cx - x1) / bin_w - 0.5  # (M, w)
     u = u.clamp(0.0, ph - 1.0) * (2.0 / max(ph - 1, 1)) - 1.0
     v = v.clamp(0.0, pw - 1.0) * (2.0 / max(pw - 1, 1)) - 1.0
-    gu = u[:, :, None].expand(-1, -1, c1 - c0)
-    gv = v[:, None, :].expand(-1, r1 - r0, -1)
+    gu = u[:, :, None].expand(-1, -1, ww)
+    gv = v[:, None, :].expand(-1, wh, -1)
     grid = torch.stack((gv, gu), dim=-1)  # (M, h, w, 2): x then y
     vals = F.grid_sample(roi_features, grid, mode="bilinear", padding_mode="border", align_corners=True)
     inside = inside[:, None]

@@ -21,7 +21,7 @@ No instances: the stock output, bit-identical. The UNet's token grid comes from 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -82,11 +82,16 @@ class RegionInstances:
         boxes: ``(B, N, 4)`` normalized xyxy.
         embeds: ``(B, N, L, Dc)`` instance caption embeddings (the UNet's ``encoder_hidden_states`` format).
         mask: ``(B, N)`` bool, False for padding slots; ``None`` = all valid.
+        host_boxes, host_mask: CPU copies of ``boxes`` and ``mask``, made once here (one device sync when
+            the boxes live on a GPU) so that the processors decide which instances to run without reading
+            device tensors in every layer.
     """
 
     boxes: torch.Tensor
     embeds: torch.Tensor
     mask: torch.Tensor | None = None
+    host_boxes: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    host_mask: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_boxes(self.boxes)
@@ -99,6 +104,10 @@ class RegionInstances:
         elif tuple(self.mask.shape) != (b, n):
             raise ValueError(f"mask must be (B, N) = {(b, n)} like boxes; got {tuple(self.mask.shape)}")
         self.mask = self.mask.bool()
+        if self.host_boxes is None:
+            self.host_boxes = self.boxes.detach().cpu()
+        if self.host_mask is None:
+            self.host_mask = self.mask.cpu()
 
     @property
     def count(self) -> int:
@@ -114,6 +123,8 @@ class RegionInstances:
             self.boxes.to(device).repeat(rep, 1, 1),
             self.embeds.to(device=device, dtype=dtype).repeat(rep, 1, 1, 1),
             self.mask.to(device).repeat(rep, 1),
+            host_boxes=self.host_boxes.repeat(rep, 1, 1),
+            host_mask=self.host_mask.repeat(rep, 1),
         )
 
 
@@ -304,7 +315,7 @@ class ROICtrlAttnProcessor(_RegionalProcessor):
             return self._stock(attn, tokens, encoder_hidden_states=context)
 
         return self.block(hidden_states, base, inst.boxes, inst.embeds, inst.mask, (h, w),
-                          self.adapter.roi_size(level), cross)
+                          self.adapter.roi_size(level), cross, host_boxes=inst.host_boxes, host_mask=inst.host_mask)
 
 
 class RegionMaskAttnProcessor(_RegionalProcessor):
@@ -337,7 +348,7 @@ class RegionMaskAttnProcessor(_RegionalProcessor):
             q = attn.norm_q(q)
         acc, count = None, None
         for i in range(inst.count):
-            if not bool(masks[:, i].any()):
+            if not bool(inst.host_mask[:, i].any()):  # host copy: no device sync per instance and layer
                 continue
             ctx = inst.embeds[:, i]
             if attn.norm_cross:
@@ -360,7 +371,7 @@ class RegionMaskAttnProcessor(_RegionalProcessor):
                       inst: RegionInstances, masks: torch.Tensor) -> torch.Tensor:
         acc, count = None, None
         for i in range(inst.count):
-            if not bool(masks[:, i].any()):
+            if not bool(inst.host_mask[:, i].any()):
                 continue
             out = self._stock(attn, hidden_states, encoder_hidden_states=inst.embeds[:, i])
             m = masks[:, i, :, None].to(out.dtype)
