@@ -41,6 +41,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..ops.host_copy import to_device_async
 from ..ops.roi_align import roi_align
 from ..ops.roi_unpool import box_pixel_spans, unpool_windows
 
@@ -161,7 +162,7 @@ class ROIBlockAdapter(nn.Module):
         valid_host = host_mask.reshape(-1).nonzero().flatten()
         if n == 0 or valid_host.numel() == 0:
             return global_out
-        valid = valid_host.to(boxes.device, non_blocking=True)
+        valid = to_device_async(valid_host, boxes.device)
         # --- ROI branch on valid instances only
         fmap = hidden_states.transpose(1, 2).reshape(b, d, h, w)
         roi = roi_align(fmap, boxes, p)  # (B, N, D, P, P)
@@ -228,9 +229,9 @@ class ROIBlockAdapter(nn.Module):
         rows = r0[:, None] + torch.arange(wh)
         cols = c0[:, None] + torch.arange(ww)
         pix = (batch_of[keep][:, None, None] * h + rows[:, :, None]) * w + cols[:, None, :]  # (K, wh, ww)
-        keep_d = keep.to(dev, non_blocking=True)
-        pix = pix.to(dev, non_blocking=True).flatten()
-        origins = torch.stack([r0, c0], 1).to(dev, non_blocking=True)
+        keep_d = to_device_async(keep, dev)
+        pix = to_device_async(pix.flatten(), dev)
+        origins = to_device_async(torch.stack([r0, c0], 1), dev)
         maps, gates, boxes = maps[keep_d], gates[keep_d], boxes[keep_d]
 
         flat_g = g.reshape(-1, d)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..context import AttentionContext, Grid
+from ..ops.host_copy import to_device_async
 from ..ops.token_merging import bipartite_soft_matching, merge, num_dst, random_partition, unmerge
 from ..registry import LayerInfo, Method, check_options, register
 from .core import CoreAttnProcessor
@@ -275,14 +276,6 @@ def agent_attention(
     return out.to(dtype)
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a CPU-drawn index tensor to ``device`` without a host-device synchronisation: a plain
-    ``.to("cuda")`` of pageable memory waits for the GPU to finish its queue, once per layer."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def agent_grid(grid: Grid, num_agents: int, agent_frames: int | None = None) -> Grid:
     """The ``(frames, height, width)`` agent grid for a token grid: about ``num_agents`` per frame, with
     the token grid's aspect ratio, never larger than the token grid."""
@@ -497,7 +490,7 @@ class AgentAttnProcessor(CoreAttnProcessor):
         if r == 0 and 2 * (n - agent_r) >= n:
             return None  # neither merging nor agents: the stock processor
         plan = _Plan(phase, h, w, r, agent_r, use_agents=2 * (n - agent_r) < n - r)
-        return plan, _to_device(src, device), _to_device(dst, device)
+        return plan, to_device_async(src, device), to_device_async(dst, device)
 
     # ----- the call -----------------------------------------------------------------------------------------
 
