@@ -5,7 +5,7 @@ processor there receives the normed hidden states and the prompt embedding, comp
 cross-attention (``AttnProcessor2_0``, bit-identical) and then adds the instances:
 
 * ``roi``: the :class:`~diffattn.models.ROICtrlAdapter` branch of that layer (ROI-Align, the layer's own
-  cross-attention per instance, gated ROI self-attention, ROI-Unpool, online per-pixel softmax fusion);
+  cross-attention per instance, gated ROI self-attention, ROI-Unpool, per-pixel softmax fusion over box windows);
 * ``regional_mask``: training-free: each instance caption is attended by the **whole** map with the layer's
   cross-attention and kept only inside its box (a per-instance full-map mask); pixels in several boxes
   average those instances, pixels in none keep the global output. Cost: ``N`` full cross-attentions.
