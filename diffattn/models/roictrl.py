@@ -26,7 +26,8 @@ bit): an untrained adapter leaves the base model as it was.
 
 Differences from the reference: the GLIGEN branch acts on the normed states cross-attention sees and adds
 to cross-attention's output (the reference inserts it on the residual stream before cross-attention); the
-ROI-Unpool covers the whole box (no zero strip along the right / bottom edges); fusion runs on box windows, never on N full-size maps.
+ROI-Unpool covers the whole box (no zero strip along the right / bottom edges); fusion runs on box windows,
+never on N full-size maps.
 """
 
 from __future__ import annotations
