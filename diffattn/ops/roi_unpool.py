@@ -56,7 +56,8 @@ def unpool_region(
     h, w = output_hw
     r0, r1 = rows if rows is not None else (0, h)
     c0, c1 = cols if cols is not None else (0, w)
-    origins = torch.tensor([[r0, c0]], device=roi_features.device).expand(roi_features.shape[0], 2)
+    m, dev = roi_features.shape[0], roi_features.device
+    origins = torch.stack([torch.full((m,), r0, device=dev), torch.full((m,), c0, device=dev)], 1)  # no host copy
     return unpool_windows(roi_features, boxes, output_hw, origins, (r1 - r0, c1 - c0))
 
 
