@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffattn.ops.roi_align import roi_align, roi_size_for_downsample
-from diffattn.ops.roi_unpool import roi_unpool, unpool_region
+from diffattn.ops.roi_unpool import box_pixel_spans, roi_unpool, unpool_region, unpool_windows
 
 # ----- references: one box at a time, one sample at a time (torchvision's roi_align definition) ---------------
 
@@ -153,6 +153,27 @@ def test_region_equals_full_map_crop():
     full, inside = unpool_region(roi, boxes, (12, 12))
     part, pin = unpool_region(roi, boxes, (12, 12), rows=(3, 9), cols=(2, 11))
     assert torch.equal(part, full[:, :, 3:9, 2:11]) and torch.equal(pin, inside[:, :, 3:9, 2:11])
+
+
+def test_windows_equal_full_map_crops_and_cover_each_box():
+    """Per-box windows (each at its own origin) are crops of the full-map unpool, and a window placed
+    at a box's pixel span holds every pixel of that box."""
+    gen = torch.Generator().manual_seed(5)
+    roi = torch.randn(4, 2, 3, 3, generator=gen)
+    boxes = _boxes(gen, 1, 4)[0]
+    h, w = 13, 11
+    full, inside = unpool_region(roi, boxes, (h, w))
+    origins = torch.tensor([[0, 0], [5, 2], [9, 7], [3, 8]])
+    part, pin = unpool_windows(roi, boxes, (h, w), origins, (4, 3))
+    for m, (r, c) in enumerate(origins.tolist()):
+        assert torch.equal(part[m], full[m, :, r : r + 4, c : c + 3])
+        assert torch.equal(pin[m], inside[m, :, r : r + 4, c : c + 3])
+    r_lo, r_hi = box_pixel_spans(boxes, h, axis=1)
+    c_lo, c_hi = box_pixel_spans(boxes, w, axis=0)
+    for m in range(4):
+        rows, cols = inside[m, 0].any(1).nonzero().flatten(), inside[m, 0].any(0).nonzero().flatten()
+        assert r_lo[m] <= rows.min() and rows.max() < r_hi[m] and r_hi[m] - r_lo[m] <= rows.numel() + 2
+        assert c_lo[m] <= cols.min() and cols.max() < c_hi[m] and c_hi[m] - c_lo[m] <= cols.numel() + 2
 
 
 def test_gradcheck_roi_align():
