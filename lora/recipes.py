@@ -111,6 +111,7 @@ register_recipe(
         defaults={"resolution": 256, "num_frames": 17, "save_pipeline": True},
     )
 )
-from . import recipe_lamamba  # noqa: E402, F401  (registers the "lamamba" recipe)
-from .recipe_high_res import LR_RATIO as _HIGH_RES_LR_RATIO  # noqa: E402, F401  (registers the "high-res" recipe)
-from .recipe_roictrl import ADAPTER_ATTR as _ROICTRL_ADAPTER  # noqa: E402, F401  (registers the "roictrl" recipe)
+# the recipes defined in modules of their own register themselves on import. Module imports, not name
+# imports: a user who imports one of them first (``from diffattn.lora.recipe_roictrl import load_adapter``)
+# gets here while that module is still half-initialised, and only ``from . import module`` accepts that.
+from . import recipe_high_res, recipe_lamamba, recipe_roictrl  # noqa: E402, F401

@@ -587,3 +587,18 @@ def test_deepspeed_config_is_filled_from_the_options_and_must_agree():
     assert config["train_batch_size"] == 24 and config["gradient_clipping"] == 1.0
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=8 but --batch-size gives 2"):
         configure_deepspeed({"train_micro_batch_size_per_gpu": 8}, batch_size=2, grad_accum=1, processes=1, clip=1.0)
+
+
+@pytest.mark.parametrize(
+    "module,recipe", [("recipe_roictrl", "roictrl"), ("recipe_high_res", "high-res"), ("recipe_lamamba", "lamamba")]
+)
+def test_recipe_module_imports_first(module, recipe):
+    """A recipe module imported before anything else of diffattn.lora (``from diffattn.lora.recipe_roictrl
+    import load_adapter`` in a fresh process) imports, and every recipe is registered."""
+    code = (
+        f"import diffattn.lora.{module}\n"
+        "from diffattn.lora.recipes import recipe_names\n"
+        f"assert {recipe!r} in recipe_names() and 'image' in recipe_names(), recipe_names()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
