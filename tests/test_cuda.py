@@ -175,7 +175,7 @@ def test_selective_scan_mamba_kernel_on_cuda(case):
 def test_lamamba_model_on_mamba_kernel_matches_chunked():
     """A LaMamba-Diff U-Net (four serpentine scans per SS2D, every block) gives the same output and
     parameter gradients on mamba-ssm's kernel as on the chunked scan (fp32: output 1e-5 of its scale,
-    each gradient 1e-2 of its own scale; measured 7.5e-8 and 5.7e-7 on an H200), and runs finite in bf16."""
+    each gradient 1e-4 of its own scale; measured 7.5e-8 and 5.7e-7 on an H200), and runs finite in bf16."""
     from test_lamamba import randomize, tiny_model
 
     from diffattn.models import SS2D
@@ -200,7 +200,7 @@ def test_lamamba_model_on_mamba_kernel_matches_chunked():
     worst = max(((g_m[n] - g_c[n]).abs().max() / g_c[n].abs().max().clamp_min(1e-6)).item() for n in g_c)
     _report("lamamba model mamba_ssm vs chunked grads (max error / grad scale)", worst)
     bad = sorted(((g_m[n] - g_c[n]).abs().max().item(), g_c[n].abs().max().item(), n) for n in g_c)[-5:]
-    assert worst <= 1e-2, (worst, bad)
+    assert worst <= 1e-4, (worst, bad)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.isfinite(model(x, t, class_labels=y).sample).all()
 
