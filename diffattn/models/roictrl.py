@@ -189,9 +189,9 @@ class ROIBlockAdapter(nn.Module):
             out = out + torch.tanh(self.ff_gate).to(dt) * self.ff(self.ff_norm(out))
         return out
 
-    # elements of unpooled instance windows held at once: one full-size (B, H, W, D) map's worth or this,
-    # whichever is larger, so many small boxes go through in one group and large ones in a few
-    FUSE_GROUP_ELEMENTS = 1 << 22
+    # elements of unpooled instance windows held at once; None: one full-size (B, H, W, D) map's worth or
+    # 4M, whichever is larger, so many small boxes go through in one group and large ones in a few
+    FUSE_GROUP_ELEMENTS: int | None = None
 
     def _fuse(
         self,
@@ -247,7 +247,8 @@ class ROIBlockAdapter(nn.Module):
         total = e_g
         acc = flat_g * e_g[:, None]
         per = wh * ww
-        group = max(1, max(self.FUSE_GROUP_ELEMENTS, g.numel()) // (per * d))
+        budget = self.FUSE_GROUP_ELEMENTS or max(1 << 22, g.numel())
+        group = max(1, budget // (per * d))
         for s in range(0, keep.numel(), group):
             sl = slice(s, s + group)
             u, _ = unpool_windows(maps[sl], boxes[sl], (h, w), origins[sl], (wh, ww))  # (k, D, wh, ww)
