@@ -31,6 +31,7 @@ Writes ``OUT.json`` and ``OUT.png`` (default ``docs/bench_lamamba``). ``--quick`
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,12 @@ from tqdm import tqdm
 
 from diffattn.benchmark import environment, save_figure, timeit, write_json
 from diffattn.models.lamamba import PAPER_FIGURES, PRESETS, LaMambaDiffModel
-from diffattn.ops.selective_scan import _mamba_kernel, selective_scan_chunked, selective_scan_ref
+from diffattn.ops.selective_scan import (
+    resolve_scan_backend,
+    selective_scan,
+    selective_scan_chunked,
+    selective_scan_ref,
+)
 
 DIT_XL2_PAPER = {"params_m": 675.0, "gflops_256": 118.6, "gflops_512": 524.6}
 
@@ -160,10 +166,6 @@ def part_b(
     }
 
 
-def _mamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    return _mamba_kernel()(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
-
-
 def part_c(length: int, dim: int, repeats: int, device: str = "cpu") -> dict:
     g = torch.Generator().manual_seed(0)
     u, dt = torch.randn(1, dim, length, generator=g), torch.randn(1, dim, length, generator=g)
@@ -173,8 +175,8 @@ def part_c(length: int, dim: int, repeats: int, device: str = "cpu") -> dict:
     out = {"length": length, "dim": dim, "d_state": 1, "device": device}
     backends = {"reference": selective_scan_ref, "chunked": selective_scan_chunked}
     if torch.device(device).type == "cuda":
-        if _mamba_kernel() is not None:
-            backends["mamba_ssm"] = _mamba_scan
+        if resolve_scan_backend(u) == "mamba_ssm":  # auto picks the kernel on CUDA when it imports
+            backends["mamba_ssm"] = functools.partial(selective_scan, backend="mamba_ssm")
         else:
             out["mamba_ssm"] = "not available (mamba_ssm does not import)"
     for name, fn in backends.items():
