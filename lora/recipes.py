@@ -31,6 +31,10 @@ class Recipe:
         condition: optional ``(trainer, batch, cond) -> cond`` run for every micro-batch after the
             captions are encoded: adds what the recipe's data carries (boxes, region captions) to the
             conditioning; ``cond["model_kwargs"]`` goes to the denoiser call.
+        lr_scale: optional ``(parameter name, config) -> factor``: the learning rate of that trainable
+            parameter is ``--learning-rate`` times the factor (the LR schedule scales every group alike).
+            For zero-initialised scalar gates, which Adam moves by at most about one learning rate per
+            step: at an adapter's learning rate they cannot leave zero within a short run.
     """
 
     name: str
@@ -42,6 +46,7 @@ class Recipe:
     defaults: dict[str, Any] = field(default_factory=dict)
     prepare: Callable[[Any, Any], None] | None = None
     condition: Callable[[Any, dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
+    lr_scale: Callable[[str, Any], float] | None = None
 
 
 _RECIPES: dict[str, Recipe] = {}

@@ -416,7 +416,7 @@ class Trainer:
             )
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         from diffusers.optimization import get_scheduler
 
         # stepped by hand once per optimizer step: accelerate's prepared scheduler steps once per
@@ -439,6 +439,23 @@ class Trainer:
             self.ema = EMAModel(self.params, decay=cfg.ema_decay)
 
     # ---------------------------------------------------------------- one loss
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups by the recipe's ``lr_scale``: the unscaled group first (the log's ``lr``, when it has any),
+        then one group per other factor, each in parameter order (a checkpoint's index-keyed optimizer state
+        follows this order)."""
+        scale = self.recipe.lr_scale
+        if scale is None:
+            return [{"params": self.params}]
+        by_factor: dict[float, list[torch.nn.Parameter]] = {1.0: []}
+        for name, p in zip(self.param_names, self.params):
+            factor = float(scale(name, self.cfg))
+            if not factor > 0:
+                raise ValueError(
+                    f"recipe {self.recipe.name!r} gives parameter {name!r} learning-rate factor {factor}; need > 0"
+                )
+            by_factor.setdefault(factor, []).append(p)
+        return [{"params": ps, "lr": self.cfg.learning_rate * f} for f, ps in by_factor.items() if ps]
+
     def _conditioning(self, captions: list[str], gens: list[torch.Generator]) -> dict[str, Any]:
         if self.cfg.caption_dropout > 0:
             captions = [

@@ -85,7 +85,7 @@ def train_adapter(run: Path, base: Path, args: argparse.Namespace) -> Path:
         resolution=CANVAS, max_steps=args.adapter_steps, batch_size=args.batch_size, learning_rate=args.adapter_lr,
         lr_scheduler="cosine", lr_warmup_steps=min(100, args.adapter_steps // 10), caption_dropout=0.1,
         checkpoint_every=max(1, min(250, args.adapter_steps // 2)), checkpoints_total_limit=2, log_every=10,
-        eval_samples=0, attention_options={"roi_sizes": tuple(args.roi_sizes)},
+        eval_samples=0, attention_options={"roi_sizes": tuple(args.roi_sizes), "gate_lr_scale": args.gate_lr_scale},
         resume="latest" if args.resume and (out / "checkpoints").is_dir() else None,
     )
     train(cfg)
@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--base-steps", dest="base_steps", type=int, default=600)
     ap.add_argument("--adapter-steps", dest="adapter_steps", type=int, default=900)
     ap.add_argument("--adapter-lr", dest="adapter_lr", type=float, default=5e-4)
+    ap.add_argument("--gate-lr-scale", dest="gate_lr_scale", type=float, default=10.0,
+                    help="learning-rate factor of the adapter's scalar gates (recipe option gate_lr_scale)")
     ap.add_argument("--roi-sizes", dest="roi_sizes", type=int, nargs=3, default=list(ROI_SIZES),
                     help="ROI grid per UNet level (64x64, 32x32, 16x16 maps)")
     ap.add_argument("--batch-size", dest="batch_size", type=int, default=32)

@@ -14,6 +14,7 @@ import diffattn
 from diffattn import zoo
 from diffattn.cli import main as cli_main
 from diffattn.models import ROICtrlAdapter
+from diffattn.models.roictrl import ROIBlockAdapter
 
 INSTANCES = [
     {"box": (0.05, 0.1, 0.5, 0.6), "caption": "a red cat"},
@@ -152,6 +153,46 @@ def test_roictrl_recipe_trains_resumes_and_loads(tmp_path):
     assert np.abs(_run(rc, "sd", instances=INSTANCES) - base).max() > 0
     mid = load_adapter(tmp_path / "split" / "checkpoints" / "step-000002")
     assert mid.config.layers == a.config.layers
+
+
+def test_roictrl_gates_train_at_their_own_learning_rate(tmp_path):
+    """The scalar gates are one AdamW group at ``gate_lr_scale x lr``, the rest another at ``lr``. Adam's first
+    step moves a parameter by exactly its learning rate (``g / |g|``; weight decay of a zero is zero), so after
+    one step every gate with a gradient sits at +-4e-3 (to 1%: Adam's eps against a small gradient takes off
+    up to ~1e-3 of it) and no other parameter moved by more than 1e-3."""
+    from diffattn.lora import TrainConfig
+    from diffattn.lora.recipe_roictrl import load_adapter
+    from diffattn.lora.trainer import Trainer
+
+    data = _scenes(tmp_path / "scenes")
+
+    def cfg(out, scale):
+        return TrainConfig(recipe="roictrl", model="zoo:sd", data=str(data), output=str(out), resolution=32,
+                           cpu=True, max_steps=1, batch_size=2, eval_samples=0, learning_rate=1e-3,
+                           attention_options={"roi_sizes": (5, 4, 3), "gate_lr_scale": scale})
+
+    trainer = Trainer(cfg(tmp_path / "run", 4))
+    groups = trainer.optimizer.param_groups
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 4e-3])
+    gate_ids = {id(p) for p in groups[1]["params"]}
+    names = [n for n, p in zip(trainer.param_names, trainer.params) if id(p) in gate_ids]
+    assert names and all(n.rsplit(".", 1)[-1] in ROIBlockAdapter.GATES for n in names)
+    assert len(names) == sum(n.rsplit(".", 1)[-1] in ROIBlockAdapter.GATES for n in trainer.param_names)
+    before = {k: v.clone() for k, v in trainer.model.roictrl_adapter.state_dict().items()}
+    trainer.train()
+    after = load_adapter(tmp_path / "run").state_dict()
+    moved_gates = 0
+    for k, v in after.items():
+        step = (v - before[k]).abs().max().item()
+        if k.rsplit(".", 1)[-1] in ROIBlockAdapter.GATES:
+            assert step == pytest.approx(4e-3, rel=1e-2) or step == 0.0, k  # zero: no gradient yet (behind a 0 gate)
+            moved_gates += step > 0
+        else:
+            assert step <= 1e-3 * (1 + 1e-4), k
+    assert moved_gates >= 3  # fuse_gate, gsa_gate, ff_gate of the first block at least
+    for bad in (0, -1, "x"):
+        with pytest.raises(ValueError, match="gate_lr_scale"):
+            Trainer(cfg(tmp_path / "bad", bad))
 
 
 def test_roictrl_condition_pads_and_follows_caption_dropout():

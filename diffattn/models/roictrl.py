@@ -100,6 +100,9 @@ class ROIBlockAdapter(nn.Module):
         fourier_freqs: frequencies of the box Fourier embedding (GLIGEN branch).
     """
 
+    # the zero-initialised scalar gates (a trainer may give them a larger learning rate)
+    GATES = ("roi_alpha", "global_gate", "fuse_gate", "gsa_gate", "ff_gate")
+
     def __init__(self, dim: int, cross_dim: int, heads: int, gligen: bool = True, fourier_freqs: int = 8) -> None:
         super().__init__()
         self.dim, self.gligen, self.fourier_freqs = dim, gligen, fourier_freqs
