@@ -600,9 +600,15 @@ class Trainer:
                     f"checkpoint {str(path)!r}: {n} has shape {tuple(tensors[n].shape)}, the model {tuple(named[n].shape)}"
                 )
         sharding.load_parameters(named, {n: tensors[n] for n in self.param_names})
-        sharding.load_optimizer_state(
-            self.optimizer, torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        )
+        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        saved, mine = len(optimizer_state["param_groups"]), len(self.optimizer.param_groups)
+        if saved != mine:
+            raise ValueError(
+                f"checkpoint {str(path)!r} has {saved} optimizer parameter group(s), this run {mine}: the recipe's "
+                "learning-rate factors differ (roictrl: --option gate_lr_scale; 1 gives the one-group layout of "
+                "older checkpoints); resume with the checkpoint's, or train into a new --output"
+            )
+        sharding.load_optimizer_state(self.optimizer, optimizer_state)
         self._load_schedule_and_ema(path)
         return int(state["step"])
 

@@ -166,10 +166,11 @@ def test_roictrl_gates_train_at_their_own_learning_rate(tmp_path):
 
     data = _scenes(tmp_path / "scenes")
 
-    def cfg(out, scale):
+    def cfg(out, scale, **kw):
         return TrainConfig(recipe="roictrl", model="zoo:sd", data=str(data), output=str(out), resolution=32,
                            cpu=True, max_steps=1, batch_size=2, eval_samples=0, learning_rate=1e-3,
-                           attention_options={"roi_sizes": (5, 4, 3), "gate_lr_scale": scale})
+                           checkpoint_every=1, attention_options={"roi_sizes": (5, 4, 3), "gate_lr_scale": scale},
+                           **kw)
 
     trainer = Trainer(cfg(tmp_path / "run", 4))
     groups = trainer.optimizer.param_groups
@@ -193,6 +194,9 @@ def test_roictrl_gates_train_at_their_own_learning_rate(tmp_path):
     for bad in (0, -1, "x"):
         with pytest.raises(ValueError, match="gate_lr_scale"):
             Trainer(cfg(tmp_path / "bad", bad))
+    # a checkpoint's optimizer groups must match the run resuming it (1: one group, as before the factors)
+    with pytest.raises(ValueError, match="2 optimizer parameter group.* this run 1"):
+        Trainer(cfg(tmp_path / "run", 1, resume="latest")).train()
 
 
 def test_roictrl_condition_pads_and_follows_caption_dropout():
