@@ -19,7 +19,7 @@ instance success rate of three ways to place digits in boxes.
 Writes ``RUN/report.json`` and ``RUN/grid.png`` (rows: global, regional_mask, roi; boxes drawn).
 Each stage resumes from its newest checkpoint (``--resume``) and is skipped when its result exists.
 
-    python scripts/eval_roictrl_testbed.py --run outputs/roictrl-testbed --threads 2   # ~1 h on 2 CPU cores
+    python scripts/eval_roictrl_testbed.py --run outputs/roictrl-testbed --threads 2   # ~1 h 45 min on 2 CPU cores
     python scripts/eval_roictrl_testbed.py --run /tmp/rt --tiny                     # a smoke run (minutes)
 """
 
@@ -162,14 +162,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--base-init", dest="base_init", choices=["digits-unet", "scratch"], default="digits-unet",
                     help="the base's starting weights: the shipped digits-unet (default) or random")
     ap.add_argument("--base-steps", dest="base_steps", type=int, default=600)
-    ap.add_argument("--adapter-steps", dest="adapter_steps", type=int, default=900)
+    ap.add_argument("--adapter-steps", dest="adapter_steps", type=int, default=1800)
     ap.add_argument("--adapter-lr", dest="adapter_lr", type=float, default=5e-4)
     ap.add_argument("--gate-lr-scale", dest="gate_lr_scale", type=float, default=10.0,
                     help="learning-rate factor of the adapter's scalar gates (recipe option gate_lr_scale)")
     ap.add_argument("--roi-sizes", dest="roi_sizes", type=int, nargs=3, default=list(ROI_SIZES),
                     help="ROI grid per UNet level (64x64, 32x32, 16x16 maps)")
     ap.add_argument("--batch-size", dest="batch_size", type=int, default=32)
-    ap.add_argument("--samples", type=int, default=60, help="held-out layouts to generate")
+    ap.add_argument("--samples", type=int, default=120, help="held-out layouts to generate")
     ap.add_argument("--steps", type=int, default=25, help="denoising steps")
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--grid", type=int, default=12, help="layouts shown in grid.png")
