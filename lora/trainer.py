@@ -438,7 +438,6 @@ class Trainer:
 
             self.ema = EMAModel(self.params, decay=cfg.ema_decay)
 
-    # ---------------------------------------------------------------- one loss
     def _param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups by the recipe's ``lr_scale``: the unscaled group first (the log's ``lr``, when it has any),
         then one group per other factor, each in parameter order (a checkpoint's index-keyed optimizer state
@@ -456,6 +455,7 @@ class Trainer:
             by_factor.setdefault(factor, []).append(p)
         return [{"params": ps, "lr": self.cfg.learning_rate * f} for f, ps in by_factor.items() if ps]
 
+    # ---------------------------------------------------------------- one loss
     def _conditioning(self, captions: list[str], gens: list[torch.Generator]) -> dict[str, Any]:
         if self.cfg.caption_dropout > 0:
             captions = [
