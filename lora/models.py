@@ -476,7 +476,8 @@ def family_for(pipe: Any, text_kwargs: dict[str, Any] | None = None, expert: str
     if unet is not None and type(unet).__name__ == "UNet2DConditionModel":
         name = "sdxl" if unet.config.addition_embed_type == "text_time" else "sd"
     elif transformer is not None:
-        name = _TRANSFORMERS.get(type(transformer).__name__)
+        # by the first known class in the MRO: a subclass of a supported denoiser trains like it
+        name = next((_TRANSFORMERS[c.__name__] for c in type(transformer).__mro__ if c.__name__ in _TRANSFORMERS), None)
         if name == "wan" and type(pipe).__name__ == "WanImageToVideoPipeline":
             # Wan 2.1 I2V; Wan 2.2's two-expert I2V and its 5B TI2V (expand_timesteps) are not handled
             two = getattr(pipe, "transformer_2", None) is not None or pipe.config.expand_timesteps

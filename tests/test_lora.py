@@ -602,3 +602,18 @@ def test_recipe_module_imports_first(module, recipe):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_subclassed_denoiser_gets_its_base_class_family():
+    from diffattn.lora.models import WanFamily, family_for
+    from diffusers import WanTransformer3DModel
+
+    class MyWan(WanTransformer3DModel):
+        pass
+
+    pipe = zoo.load("wan")
+    pipe.transformer.__class__ = MyWan
+    assert isinstance(family_for(pipe), WanFamily)
+    pipe.transformer.__class__ = torch.nn.Linear  # nothing known in its MRO
+    with pytest.raises(NotImplementedError, match="Linear"):
+        family_for(pipe)
