@@ -42,14 +42,14 @@ def timeit(fn: Callable[[], Any], device: torch.device | str = "cpu", repeats: i
     return statistics.median(times)
 
 
-def interleaved(
+def interleaved_samples(
     fns: dict[str, Callable[[], Any]],
     rounds: int,
     device: torch.device | str = "cpu",
     warmup: int = 1,
     desc: str = "",
-) -> dict[str, float]:
-    """Median wall seconds per call of each function, timed one call of each per round.
+) -> dict[str, list[float]]:
+    """Wall seconds of every call of each function, timed one call of each per round.
 
     Interleaving puts every variant under the same conditions: on a shared machine whose speed drifts
     over minutes, timing one variant's calls after another's puts the drift into their ratio.
@@ -67,7 +67,27 @@ def interleaved(
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved(
+    fns: dict[str, Callable[[], Any]],
+    rounds: int,
+    device: torch.device | str = "cpu",
+    warmup: int = 1,
+    desc: str = "",
+    stat: str = "median",
+) -> dict[str, float]:
+    """Seconds per call of each function from :func:`interleaved_samples`: the ``"median"`` of the
+    rounds, or the ``"best"`` (fastest) round, the usual estimate of a kernel's own cost on a machine
+    that other work slows down now and then (interference only ever adds time)."""
+    if stat not in STATS:
+        raise ValueError(f"stat must be one of {list(STATS)}, got {stat!r}")
+    samples = interleaved_samples(fns, rounds, device, warmup, desc)
+    return {k: STATS[stat](v) for k, v in samples.items()}
+
+
+STATS: dict[str, Callable[[list[float]], float]] = {"median": statistics.median, "best": min}
 
 
 def peak_rss_mb() -> float:
@@ -146,4 +166,9 @@ def environment() -> dict[str, Any]:
     info = {"torch": torch.__version__, "device": dev, "threads": torch.get_num_threads()}
     if dev == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
+    # allocator settings change CPU timings: glibc hands large blocks back to the OS and faults them in
+    # again on the next call, which costs short (sparse) calls a visible share of their time
+    alloc = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES")) or k == "LD_PRELOAD"}
+    if alloc:
+        info["allocator_env"] = alloc
     return info

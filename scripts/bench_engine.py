@@ -9,8 +9,10 @@ time, cache hits and peak memory are reported separately. Writes ``OUT.json`` an
     python scripts/bench_engine.py --lengths 16384 --densities 0.07 0.15 0.3 0.45
     python scripts/bench_engine.py --lengths 4096 --densities 1.0 --backward-length 0 --kernel-table
 
-Dense and every engine case are timed in turn, round after round (``diffattn.benchmark.interleaved``),
-so drift in the machine's speed lands on all of them alike. ``--kernel-table`` adds the fused SDPA
+Dense and every engine case are timed in turn, round after round
+(``diffattn.benchmark.interleaved_samples``), so drift in the machine's speed lands on all of them
+alike. Speedup and efficiency compare each side's best round (interference only adds time); the
+medians are in the JSON and printed beside them. ``--kernel-table`` adds the fused SDPA
 kernel's cost per score at the query/key lengths of sparse calls, relative to one dense call.
 """
 
@@ -18,12 +20,21 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from diffattn.benchmark import DTYPES, environment, interleaved, measure_peak, save_figure, timeit, write_json
+from diffattn.benchmark import (
+    DTYPES,
+    environment,
+    interleaved_samples,
+    measure_peak,
+    save_figure,
+    timeit,
+    write_json,
+)
 from diffattn.ops import BlockMask, block_sparse_attention, flex_backend, resolve_backend
 
 
@@ -43,6 +54,25 @@ def pattern_bitmap(n_blocks: int, density: float, pattern: str, seed: int = 0) -
     g = torch.Generator().manual_seed(seed)
     bits = torch.rand(n_blocks, n_blocks, generator=g) < density
     return bits | torch.eye(n_blocks, dtype=torch.bool)
+
+
+def timing(dense: list[float], sparse: list[float], density: float) -> dict[str, float]:
+    """A case's figures from its rounds: the best round of each side (what each kernel costs when
+    nothing else runs: on this shared 2-core machine the same dense call varied by up to 20% between
+    runs), and the medians beside them."""
+    d, s = min(dense), min(sparse)
+    dm, sm = statistics.median(dense), statistics.median(sparse)
+    return {
+        "dense_s": d,
+        "sparse_s": s,
+        "speedup": d / s,
+        "ideal": 1 / density,
+        "efficiency": d / s * density,
+        "dense_median_s": dm,
+        "sparse_median_s": sm,
+        "efficiency_median": dm / sm * density,
+        "rounds": len(sparse),
+    }
 
 
 def kernel_table(device: str, dtype: torch.dtype, heads: int, dim: int, repeats: int) -> list[dict]:
@@ -85,7 +115,7 @@ def main() -> None:
     )
     p.add_argument("--backward-length", type=int, default=8192, help="length of the forward + backward run (0: skip)")
     p.add_argument("--backward-densities", type=float, nargs="+", default=[0.1, 0.2, 0.3])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="rounds (every case timed once per round)")
     p.add_argument(
         "--kernel-table", action="store_true",
         help="also time the fused SDPA kernel per score at the query/key lengths sparse calls have, "
@@ -132,10 +162,9 @@ def main() -> None:
                 fns[key] = counted
                 cases.append((key, target, requested, bm, backend, t_first, flex_backend.STATS.compiles - before, fn))
             # dense and every engine case timed in turn, round after round (see interleaved)
-            times = interleaved(fns, args.repeats, device, warmup=0)
-            t_dense = times["dense"]
+            times = interleaved_samples(fns, args.repeats, device, warmup=0)
             for key, target, requested, bm, backend, t_first, compiled, fn in cases:
-                density, t, recompiled = bm.density(), times[key], recompiles[key] > 0
+                density, recompiled = bm.density(), recompiles[key] > 0
                 mem = measure_peak(fn, device)
                 row = {
                     "tokens": n,
@@ -143,11 +172,7 @@ def main() -> None:
                     "density": density,
                     "requested": requested,
                     "backend": backend,
-                    "dense_s": t_dense,
-                    "sparse_s": t,
-                    "speedup": t_dense / t,
-                    "ideal": 1 / density,
-                    "efficiency": t_dense / t * density,
+                    **timing(times["dense"], times[key], density),
                     "first_call_s": t_first,
                     "compiles": compiled,
                     "recompiled_on_repeat": recompiled,
@@ -157,9 +182,10 @@ def main() -> None:
                 forward_rows.append(row)
                 bar.update(1)
                 tqdm.write(
-                    f"n={n:6d} density={density:.3f} backend={backend:6s} dense={t_dense * 1e3:8.1f}ms "
-                    f"sparse={t * 1e3:8.1f}ms speedup={row['speedup']:5.2f}x ideal={row['ideal']:5.2f}x "
-                    f"efficiency={row['efficiency']:.2f} first_call={t_first:.2f}s compiles={compiled} "
+                    f"n={n:6d} density={density:.3f} backend={backend:6s} dense={row['dense_s'] * 1e3:8.1f}ms "
+                    f"sparse={row['sparse_s'] * 1e3:8.1f}ms speedup={row['speedup']:5.2f}x ideal={row['ideal']:5.2f}x "
+                    f"efficiency={row['efficiency']:.2f} (median {row['efficiency_median']:.2f}) "
+                    f"first_call={t_first:.2f}s compiles={compiled} "
                     f"recompiled_on_repeat={recompiled} peak_mb dense={mem_dense:.0f} sparse={mem:.0f}"
                 )
     bar.close()
@@ -185,29 +211,23 @@ def main() -> None:
 
             cases.append((target, bm, sparse_fb))
             fns[str(target)] = sparse_fb
-        times = interleaved(fns, args.repeats, device)
-        t_dense = times["dense"]
+        times = interleaved_samples(fns, args.repeats, device)
         for target, bm, sparse_fb in cases:
             density = bm.density()
             backend = resolve_backend(q, k, v, bm, "auto")
-            t = times[str(target)]
             mem = measure_peak(sparse_fb, device)
             row = {
                 "tokens": n,
                 "density": density,
                 "backend": backend,
-                "dense_s": t_dense,
-                "sparse_s": t,
-                "speedup": t_dense / t,
-                "ideal": 1 / density,
-                "efficiency": t_dense / t * density,
+                **timing(times["dense"], times[str(target)], density),
                 "peak_mb_dense": mem_dense,
                 "peak_mb_sparse": mem,
             }
             backward_rows.append(row)
             print(
-                f"fwd+bwd n={n} density={density:.3f} backend={backend} dense={t_dense * 1e3:.1f}ms "
-                f"sparse={t * 1e3:.1f}ms speedup={row['speedup']:.2f}x efficiency={row['efficiency']:.2f} "
+                f"fwd+bwd n={n} density={density:.3f} backend={backend} dense={row['dense_s'] * 1e3:.1f}ms "
+                f"sparse={row['sparse_s'] * 1e3:.1f}ms speedup={row['speedup']:.2f}x efficiency={row['efficiency']:.2f} "
                 f"peak_mb dense={mem_dense:.0f} sparse={mem:.0f}"
             )
 

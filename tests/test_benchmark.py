@@ -1,0 +1,43 @@
+"""The timing helpers every benchmark uses."""
+
+import pytest
+
+from diffattn import benchmark
+
+
+def _fake_clock(monkeypatch, durations):
+    """perf_counter that advances by the next duration at every call pair (start, stop)."""
+    now = [0.0]
+    seq = iter(durations)
+
+    def perf_counter():
+        now[0] += next(seq) if perf_counter.stop else 0.0
+        perf_counter.stop = not perf_counter.stop
+        return now[0]
+
+    perf_counter.stop = False
+    monkeypatch.setattr(benchmark.time, "perf_counter", perf_counter)
+
+
+def test_interleaved_times_one_call_of_each_per_round(monkeypatch):
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    # rounds of (a, b): a takes 3, 1, 2 and b 5, 9, 4 seconds
+    _fake_clock(monkeypatch, [3, 5, 1, 9, 2, 4])
+    samples = benchmark.interleaved_samples(fns, 3, warmup=0)
+    assert calls == ["a", "b"] * 3
+    assert samples == {"a": [3, 1, 2], "b": [5, 9, 4]}
+    _fake_clock(monkeypatch, [3, 5, 1, 9, 2, 4])
+    assert benchmark.interleaved(fns, 3, warmup=0) == {"a": 2, "b": 5}
+    _fake_clock(monkeypatch, [3, 5, 1, 9, 2, 4])
+    assert benchmark.interleaved(fns, 3, warmup=0, stat="best") == {"a": 1, "b": 4}
+
+
+def test_interleaved_rejects_an_unknown_statistic():
+    with pytest.raises(ValueError, match="stat must be one of"):
+        benchmark.interleaved({"a": lambda: None}, 1, stat="mean")
+
+
+def test_environment_records_allocator_settings(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "123")
+    assert benchmark.environment()["allocator_env"]["MALLOC_TRIM_THRESHOLD_"] == "123"
