@@ -90,6 +90,25 @@ def interleaved(
 STATS: dict[str, Callable[[list[float]], float]] = {"median": statistics.median, "best": min}
 
 
+def rounds_figures(dense: list[float], sparse: list[float], density: float) -> dict[str, float]:
+    """Dense vs sparse from their :func:`interleaved_samples`: times, speedup, the ideal 1/density and
+    efficiency = speedup x density from each side's best round (what each costs when nothing else
+    runs: on a shared 2-core machine the same call varies by 20% between runs), medians beside them."""
+    d, s = min(dense), min(sparse)
+    dm, sm = statistics.median(dense), statistics.median(sparse)
+    return {
+        "dense_s": d,
+        "sparse_s": s,
+        "speedup": d / s,
+        "ideal": 1 / density,
+        "efficiency": d / s * density,
+        "dense_median_s": dm,
+        "sparse_median_s": sm,
+        "efficiency_median": dm / sm * density,
+        "rounds": len(sparse),
+    }
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from diffattn.benchmark import (
     environment,
     interleaved_samples,
     measure_peak,
+    rounds_figures,
     save_figure,
     timeit,
     write_json,
@@ -54,25 +54,6 @@ def pattern_bitmap(n_blocks: int, density: float, pattern: str, seed: int = 0) -
     g = torch.Generator().manual_seed(seed)
     bits = torch.rand(n_blocks, n_blocks, generator=g) < density
     return bits | torch.eye(n_blocks, dtype=torch.bool)
-
-
-def timing(dense: list[float], sparse: list[float], density: float) -> dict[str, float]:
-    """A case's figures from its rounds: the best round of each side (what each kernel costs when
-    nothing else runs: on this shared 2-core machine the same dense call varied by up to 20% between
-    runs), and the medians beside them."""
-    d, s = min(dense), min(sparse)
-    dm, sm = statistics.median(dense), statistics.median(sparse)
-    return {
-        "dense_s": d,
-        "sparse_s": s,
-        "speedup": d / s,
-        "ideal": 1 / density,
-        "efficiency": d / s * density,
-        "dense_median_s": dm,
-        "sparse_median_s": sm,
-        "efficiency_median": dm / sm * density,
-        "rounds": len(sparse),
-    }
 
 
 def kernel_table(device: str, dtype: torch.dtype, heads: int, dim: int, repeats: int) -> list[dict]:
@@ -172,7 +153,7 @@ def main() -> None:
                     "density": density,
                     "requested": requested,
                     "backend": backend,
-                    **timing(times["dense"], times[key], density),
+                    **rounds_figures(times["dense"], times[key], density),
                     "first_call_s": t_first,
                     "compiles": compiled,
                     "recompiled_on_repeat": recompiled,
@@ -220,7 +201,7 @@ def main() -> None:
                 "tokens": n,
                 "density": density,
                 "backend": backend,
-                **timing(times["dense"], times[str(target)], density),
+                **rounds_figures(times["dense"], times[str(target)], density),
                 "peak_mb_dense": mem_dense,
                 "peak_mb_sparse": mem,
             }

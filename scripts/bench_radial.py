@@ -28,7 +28,16 @@ import torch
 from tqdm import tqdm
 
 import diffattn
-from diffattn.benchmark import DTYPES, environment, interleaved, measure_peak, save_figure, timeit, write_json
+from diffattn.benchmark import (
+    DTYPES,
+    environment,
+    interleaved_samples,
+    measure_peak,
+    rounds_figures,
+    save_figure,
+    timeit,
+    write_json,
+)
 from diffattn.masks.radial import radial_block_mask, radial_density
 from diffattn.ops import block_sparse_attention, flex_backend, resolve_backend
 
@@ -65,10 +74,10 @@ def bench_layer(args, device: str, dtype: torch.dtype) -> list[dict]:
                 firsts[requested] = (t_first, flex_backend.STATS.compiles - before)
                 fns[requested] = fn
             # dense and each backend in turn, round after round (see interleaved)
-            times = interleaved(fns, args.repeats, device, warmup=0)
-            t_dense = times["dense"]
+            times = interleaved_samples(fns, args.repeats, device, warmup=0)
             for requested in args.backends:
-                fn, t = fns[requested], times[requested]
+                fn, figures = fns[requested], rounds_figures(times["dense"], times[requested], density)
+                t_dense, t = figures["dense_s"], figures["sparse_s"]
                 backend = resolve_backend(q, k, v, bm, requested)
                 t_first, compiles = firsts[requested]
                 row = {
@@ -79,11 +88,8 @@ def bench_layer(args, device: str, dtype: torch.dtype) -> list[dict]:
                     "auto_backend": resolve_backend(q, k, v, bm, "auto"),
                     "block_density": density,
                     "token_density": token_density,
-                    "dense_s": t_dense,
+                    **figures,
                     "radial_s": t,
-                    "speedup": t_dense / t,
-                    "ideal": 1 / density,
-                    "efficiency": t_dense / t * density,
                     "first_call_s": t_first,
                     "compiles": compiles,
                     "peak_mb_dense": mem_dense,
@@ -94,7 +100,8 @@ def bench_layer(args, device: str, dtype: torch.dtype) -> list[dict]:
                 tqdm.write(
                     f"(a) frames={f:3d} tokens={n:6d} backend={backend:6s} block_density={density:.3f} "
                     f"dense={t_dense:8.3f}s radial={t:8.3f}s speedup={row['speedup']:5.2f}x "
-                    f"ideal={row['ideal']:5.2f}x efficiency={row['efficiency']:.2f} first_call={t_first:.1f}s"
+                    f"ideal={row['ideal']:5.2f}x efficiency={row['efficiency']:.2f} "
+                    f"(median {row['efficiency_median']:.2f}) first_call={t_first:.1f}s"
                 )
     bar.close()
     return rows

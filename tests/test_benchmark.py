@@ -41,3 +41,11 @@ def test_interleaved_rejects_an_unknown_statistic():
 def test_environment_records_allocator_settings(monkeypatch):
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "123")
     assert benchmark.environment()["allocator_env"]["MALLOC_TRIM_THRESHOLD_"] == "123"
+
+
+def test_rounds_figures_compare_best_rounds_and_keep_medians():
+    fig = benchmark.rounds_figures([10.0, 12.0, 11.0], [4.0, 2.0, 5.0], density=0.25)
+    assert fig["dense_s"] == 10.0 and fig["sparse_s"] == 2.0
+    assert fig["speedup"] == 5.0 and fig["efficiency"] == 1.25 and fig["ideal"] == 4.0
+    assert fig["dense_median_s"] == 11.0 and fig["sparse_median_s"] == 4.0
+    assert fig["efficiency_median"] == 11.0 / 4.0 * 0.25 and fig["rounds"] == 3
