@@ -70,6 +70,10 @@ def interleaved_samples(
     return times
 
 
+# how interleaved() summarizes a function's rounds
+ROUND_STATS: dict[str, Callable[[list[float]], float]] = {"median": statistics.median, "best": min}
+
+
 def interleaved(
     fns: dict[str, Callable[[], Any]],
     rounds: int,
@@ -81,13 +85,10 @@ def interleaved(
     """Seconds per call of each function from :func:`interleaved_samples`: the ``"median"`` of the
     rounds, or the ``"best"`` (fastest) round, the usual estimate of a kernel's own cost on a machine
     that other work slows down now and then (interference only ever adds time)."""
-    if stat not in STATS:
-        raise ValueError(f"stat must be one of {list(STATS)}, got {stat!r}")
+    if stat not in ROUND_STATS:
+        raise ValueError(f"stat must be one of {list(ROUND_STATS)}, got {stat!r}")
     samples = interleaved_samples(fns, rounds, device, warmup, desc)
-    return {k: STATS[stat](v) for k, v in samples.items()}
-
-
-STATS: dict[str, Callable[[list[float]], float]] = {"median": statistics.median, "best": min}
+    return {k: ROUND_STATS[stat](v) for k, v in samples.items()}
 
 
 def rounds_figures(dense: list[float], sparse: list[float], density: float) -> dict[str, float]:

@@ -142,7 +142,7 @@ def main() -> None:
 
                 fns[key] = counted
                 cases.append((key, target, requested, bm, backend, t_first, flex_backend.STATS.compiles - before, fn))
-            # dense and every engine case timed in turn, round after round (see interleaved)
+            # dense and every engine case timed in turn, round after round (see interleaved_samples)
             times = interleaved_samples(fns, args.repeats, device, warmup=0)
             for key, target, requested, bm, backend, t_first, compiled, fn in cases:
                 density, recompiled = bm.density(), recompiles[key] > 0

@@ -73,7 +73,7 @@ def bench_layer(args, device: str, dtype: torch.dtype) -> list[dict]:
                 t_first = timeit(fn, device, repeats=1, warmup=0)  # includes compiling, if any
                 firsts[requested] = (t_first, flex_backend.STATS.compiles - before)
                 fns[requested] = fn
-            # dense and each backend in turn, round after round (see interleaved)
+            # dense and each backend in turn, round after round (see interleaved_samples)
             times = interleaved_samples(fns, args.repeats, device, warmup=0)
             for requested in args.backends:
                 fn, figures = fns[requested], rounds_figures(times["dense"], times[requested], density)
