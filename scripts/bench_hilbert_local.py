@@ -4,8 +4,9 @@
     128x128, 256x256 tokens; radius 8, 128-token blocks), HR tokens alone and with Scale-DiT's 512 text
     tokens and a 4x smaller LR grid. Block-level only, cheap at every size.
 (b) One attention layer, 2 heads x 128, over 512 text + HR + LR (side / 4) tokens at 2K (128x128 HR) and
-    4K (256x256): dense SDPA vs the engine on the Hilbert mask (token- and block-granularity), with
-    speedup, ideal 1/density and efficiency = speedup x density.
+    4K (256x256): dense SDPA vs the engine on the Hilbert mask (token- and block-granularity), timed in
+    turn round after round, with speedup, ideal 1/density and efficiency = speedup x density from each
+    side's best round (medians beside them in the JSON).
 (c) The attention share of a FLUX-width double-stream block (3072 = 24 heads x 128, FFN 12288), measured
     at ``--block-tokens``; with it and (b) the block time is projected at each size of (b): linear layers
     per token as measured, attention as measured in (b) scaled from 2 to 24 heads.
@@ -26,7 +27,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from diffattn.benchmark import DTYPES, environment, measure_peak, save_figure, timeit, write_json
+from diffattn.benchmark import (
+    DTYPES,
+    environment,
+    interleaved_samples,
+    measure_peak,
+    rounds_figures,
+    save_figure,
+    timeit,
+    write_json,
+)
 from diffattn.masks import block_fill, local_block_mask, local_density, token_order
 from diffattn.ops import block_sparse_attention, flex_backend, resolve_backend
 
@@ -76,44 +86,46 @@ def bench_layer(args, device: str, dtype: torch.dtype) -> list[dict]:
         q, k, v = _qkv(n, args.heads, args.head_dim, dtype, device)
         with torch.no_grad():
             dense = lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
-            t_dense = timeit(dense, device, args.repeats)
             mem_dense = measure_peak(dense, device)
             bar.update(1)
+            cases, fns = [], {"dense": dense}
             for granularity in ("token", "block"):
                 bm = local_block_mask(side, side, args.radius, "hilbert", args.block_size, text_len=args.text,
                                       lr_height=lr, lr_width=lr, granularity=granularity, device=device)
-                density = bm.density()
                 for requested in args.backends:
-                    backend = resolve_backend(q, k, v, bm, requested)
                     fn = lambda q=q, k=k, v=v, bm=bm, b=requested: block_sparse_attention(q, k, v, bm, backend=b)  # noqa: E731
                     t_first = timeit(fn, device, repeats=1, warmup=0)  # includes compiling, if any
-                    t = timeit(fn, device, args.repeats, warmup=0)
-                    row = {
-                        "grid": side,
-                        "lr_grid": lr,
-                        "tokens": n,
-                        "granularity": granularity,
-                        "requested": requested,
-                        "backend": backend,
-                        "block_density": density,
-                        "token_density": local_density(side, side, args.radius, "hilbert", args.block_size,
-                                                       text_len=args.text, lr_height=lr, lr_width=lr),
-                        "dense_s": t_dense,
-                        "local_s": t,
-                        "speedup": t_dense / t,
-                        "ideal": 1 / density,
-                        "efficiency": t_dense / t * density,
-                        "first_call_s": t_first,
-                        "peak_mb_dense": mem_dense,
-                        "peak_mb_local": measure_peak(fn, device),
-                    }
-                    rows.append(row)
-                    bar.update(1)
-                    tqdm.write(
-                        f"(b) {side}x{side} (+{args.text} text, {lr}x{lr} LR) tokens={n} {granularity:5s} {backend:6s} "
-                        f"density={density:.4f} dense={t_dense:.3f}s local={t:.3f}s speedup={row['speedup']:.1f}x "
-                        f"ideal={row['ideal']:.1f}x efficiency={row['efficiency']:.2f}"
-                    )
+                    fns[f"{granularity}/{requested}"] = fn
+                    cases.append((granularity, requested, bm, fn, t_first))
+            # dense and every engine case timed in turn, round after round (see interleaved_samples)
+            times = interleaved_samples(fns, args.repeats, device, warmup=0)
+            for granularity, requested, bm, fn, t_first in cases:
+                density = bm.density()
+                figures = rounds_figures(times["dense"], times[f"{granularity}/{requested}"], density)
+                row = {
+                    "grid": side,
+                    "lr_grid": lr,
+                    "tokens": n,
+                    "granularity": granularity,
+                    "requested": requested,
+                    "backend": resolve_backend(q, k, v, bm, requested),
+                    "block_density": density,
+                    "token_density": local_density(side, side, args.radius, "hilbert", args.block_size,
+                                                   text_len=args.text, lr_height=lr, lr_width=lr),
+                    **figures,
+                    "local_s": figures["sparse_s"],
+                    "first_call_s": t_first,
+                    "peak_mb_dense": mem_dense,
+                    "peak_mb_local": measure_peak(fn, device),
+                }
+                rows.append(row)
+                bar.update(1)
+                tqdm.write(
+                    f"(b) {side}x{side} (+{args.text} text, {lr}x{lr} LR) tokens={n} {granularity:5s} "
+                    f"{row['backend']:6s} density={density:.4f} dense={row['dense_s']:.3f}s "
+                    f"local={row['local_s']:.3f}s speedup={row['speedup']:.1f}x ideal={row['ideal']:.1f}x "
+                    f"efficiency={row['efficiency']:.2f} (median {row['efficiency_median']:.2f})"
+                )
     bar.close()
     return rows
 

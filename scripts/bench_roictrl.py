@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="tiny UNet, 64/128 px, N in 0,1,4,8, one round")
     ap.add_argument("--sizes", type=int, nargs="*", default=None, help="pixel sizes (default 512 1024)")
     ap.add_argument("--counts", type=int, nargs="*", default=None, help="default 0 1 4 8 16 30")
-    ap.add_argument("--sides", type=float, nargs="*", default=None, help="box sides for the area sweep")
+    ap.add_argument("--sides", type=float, nargs="*", default=None, help="box sides for the area sweep (none given: skip it)")
     ap.add_argument("--area-instances", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=None, help="default 3 (1 with --quick)")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return res
     sizes = args.sizes or ([64, 128] if quick else [512, 1024])
     counts = args.counts or ([0, 1, 4, 8] if quick else [0, 1, 4, 8, 16, 30])
-    sides = args.sides or [0.125, 0.25, 0.5]
+    sides = [0.125, 0.25, 0.5] if args.sides is None else args.sides  # `--sides` alone: no area sweep
     rounds = args.rounds or (1 if quick else 3)
     out = args.out or ("outputs/bench_roictrl_quick" if quick else "docs/bench_roictrl")
     text_len = 77
