@@ -70,25 +70,16 @@ def interleaved_samples(
     return times
 
 
-# how interleaved() summarizes a function's rounds
-ROUND_STATS: dict[str, Callable[[list[float]], float]] = {"median": statistics.median, "best": min}
-
-
 def interleaved(
     fns: dict[str, Callable[[], Any]],
     rounds: int,
     device: torch.device | str = "cpu",
     warmup: int = 1,
     desc: str = "",
-    stat: str = "median",
 ) -> dict[str, float]:
-    """Seconds per call of each function from :func:`interleaved_samples`: the ``"median"`` of the
-    rounds, or the ``"best"`` (fastest) round, the usual estimate of a kernel's own cost on a machine
-    that other work slows down now and then (interference only ever adds time)."""
-    if stat not in ROUND_STATS:
-        raise ValueError(f"stat must be one of {list(ROUND_STATS)}, got {stat!r}")
+    """Median seconds per call of each function over the rounds of :func:`interleaved_samples`."""
     samples = interleaved_samples(fns, rounds, device, warmup, desc)
-    return {k: ROUND_STATS[stat](v) for k, v in samples.items()}
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def rounds_figures(dense: list[float], sparse: list[float], density: float) -> dict[str, float]:
