@@ -9,7 +9,9 @@
     side's best round (medians beside them in the JSON).
 (c) The attention share of a FLUX-width double-stream block (3072 = 24 heads x 128, FFN 12288), measured
     at ``--block-tokens``; with it and (b) the block time is projected at each size of (b): linear layers
-    per token as measured, attention as measured in (b) scaled from 2 to 24 heads.
+    per token as measured, attention as measured in (b) scaled from 2 to 24 heads. Beside it, the bound
+    1 / (1 - attention share): the block's speedup if attention cost nothing, which no attention method
+    can beat.
 
 Writes ``OUT.json``, ``OUT.png`` (speed) and ``OUT_orders.png`` (the curves and the masks). The defaults
 are the issue's shapes; dense attention over 70k tokens takes minutes on CPU. ``--quick`` shrinks (b) and
@@ -154,8 +156,10 @@ def bench_block(args, device: str, dtype: torch.dtype, layer_rows: list[dict]) -
         rows = [r for r in layer_rows if r["grid"] == side]
         tokens = rows[0]["tokens"]
         dense_block = other_per_token * tokens + heads_scale * rows[0]["dense_s"]
+        # the block with attention for free: no attention method can beat 1 / (1 - attention share)
         entry = {"grid": side, "tokens": tokens, "dense_block_s": dense_block,
-                 "attention_share_dense": heads_scale * rows[0]["dense_s"] / dense_block}
+                 "attention_share_dense": heads_scale * rows[0]["dense_s"] / dense_block,
+                 "bound_speedup": dense_block / (other_per_token * tokens)}
         for granularity in ("token", "block"):
             best = min((r["local_s"] for r in rows if r["granularity"] == granularity), default=None)
             if best is not None:
@@ -164,7 +168,8 @@ def bench_block(args, device: str, dtype: torch.dtype, layer_rows: list[dict]) -
                 entry[f"projected_speedup_{granularity}"] = dense_block / local_block
         projections.append(entry)
         tqdm.write(
-            f"(c) {side}x{side} ({tokens} tokens): dense attention share {entry['attention_share_dense']:.2f}, "
+            f"(c) {side}x{side} ({tokens} tokens): dense attention share {entry['attention_share_dense']:.2f} "
+            f"(free attention would give {entry['bound_speedup']:.2f}x), "
             f"projected block speedup token={entry.get('projected_speedup_token', float('nan')):.2f}x "
             f"block={entry.get('projected_speedup_block', float('nan')):.2f}x"
         )

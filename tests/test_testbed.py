@@ -329,9 +329,15 @@ def test_moving_digits_bounce_deterministically_and_are_readable(clf, tmp_path):
     assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["pixel_values"].shape == (3, 40, 32, 32)
     pos = a["positions"]
     assert pos.min() >= 0 and pos.max() <= 16  # a 16 px digit on a 32 px canvas
-    assert pos[:, 0].min() == 0 and pos[:, 0].max() == 16  # it bounces from edge to edge
+    # one pixel at a time, 1-2 px per 4 frames: over 39 frame steps it moves 9-20 times per axis
     step = (pos[1:] - pos[:-1]).abs()
-    assert ((step >= 1) & (step <= D.MOVING_SPEED)).all()  # moves every frame on both axes
+    assert step.max() == 1 and ((step.sum(0) >= 9) & (step.sum(0) <= 20)).all()
+    far = D.MovingDigitsDataset(num_clips=20, split="heldout", num_frames=160, channels=3, seed=3)[4]["positions"]
+    assert far[:, 0].min() == 0 and far[:, 0].max() == 16  # it bounces from edge to edge
+    # speed_period=1: the unit is one frame, so it moves 1-2 px every frame
+    fast = D.MovingDigitsDataset(num_clips=20, split="heldout", num_frames=40, seed=3, speed_period=1)[4]["positions"]
+    fast_step = (fast[1:] - fast[:-1]).abs()
+    assert ((fast_step >= 1) & (fast_step <= D.MOVING_SPEED)).all()
     # the same path at a longer length: the first frames agree
     longer = D.MovingDigitsDataset(num_clips=20, split="heldout", num_frames=80, channels=3, seed=3)[4]
     assert torch.equal(longer["pixel_values"][:, :40], a["pixel_values"])
@@ -353,6 +359,8 @@ def test_moving_digits_bounce_deterministically_and_are_readable(clf, tmp_path):
     assert M.motion_jitter(square, 8) > 1.0
     with pytest.raises(ValueError, match="max_speed must be in"):
         D.MovingDigitsDataset(max_speed=40)
+    with pytest.raises(ValueError, match="speed_period must be >= 1"):
+        D.MovingDigitsDataset(speed_period=0)
     out = D.write_video_folder(D.MovingDigitsDataset(num_clips=2, num_frames=5, channels=3), tmp_path / "clips", progress=False)
     from diffattn.lora.data import VideoFolder
 

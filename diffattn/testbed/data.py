@@ -180,7 +180,11 @@ class DigitsDataset(Dataset):
 # (the README's testbed section lists what was tried).
 MOVING_CANVAS = 32  # side of the clips
 MOVING_DIGIT = 16  # the digit's side in them
-MOVING_SPEED = 2  # fastest motion, pixels per frame on each axis (one digit pixel)
+MOVING_SPEED = 2  # fastest motion on each axis, pixels per MOVING_SPEED_PERIOD frames (one digit pixel)
+# frames per speed unit: 4 is one latent frame of digits-video (Wan's VAE stacks 4 frames), so the digit
+# moves 1-2 px per latent frame, less than a 4 px token, as in a real video latent. At 1-2 px per frame
+# a digit slid 4-8 px inside one latent frame and its 4 stacked frames shared almost no ink.
+MOVING_SPEED_PERIOD = 4
 
 
 class MovingDigitsDataset(Dataset):
@@ -188,9 +192,10 @@ class MovingDigitsDataset(Dataset):
 
     Items: ``pixel_values`` ``(C, num_frames, canvas, canvas)`` in ``[0, 1]`` (the channels-first
     video layout of diffusers' video VAEs), ``label``, ``caption`` (``"a 3"``) and ``positions``
-    ``(num_frames, 2)`` (top-left ``x, y`` of the digit per frame). The start position, a velocity of
-    ``1..max_speed`` pixels per frame on each axis (random signs) and the digit (from the given split
-    of the scikit-learn digits) are drawn from ``(seed, i)``. Motion is periodic with a bounce, so a
+    ``(num_frames, 2)`` (top-left ``x, y`` of the digit per frame, whole pixels). The start position, a
+    velocity of ``1..max_speed`` pixels per ``speed_period`` frames on each axis (random signs; the
+    position is rounded down, so the digit steps one pixel at a time) and the digit (from the given
+    split of the scikit-learn digits) are drawn from ``(seed, i)``. Motion is periodic with a bounce, so a
     clip of any length is well defined: the same item at 4x ``num_frames`` continues the same path,
     which is what the length-extension experiment generates.
     """
@@ -206,6 +211,7 @@ class MovingDigitsDataset(Dataset):
         max_speed: int = MOVING_SPEED,
         channels: int = 1,
         split_seed: int = SPLIT_SEED,
+        speed_period: int = MOVING_SPEED_PERIOD,
     ) -> None:
         if num_clips < 1:
             raise ValueError(f"num_clips must be >= 1, got {num_clips}")
@@ -217,12 +223,15 @@ class MovingDigitsDataset(Dataset):
             raise ValueError(f"max_speed must be in [1, canvas - digit_size = {canvas - digit_size}], got {max_speed}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if speed_period < 1:
+            raise ValueError(f"speed_period must be >= 1 frame, got {speed_period}")
         images8, labels = load_digits_8x8()
         idx = torch.from_numpy(_split(split, labels, split_seed, HELDOUT_FRACTION))
         self.digits = upscale_digits(images8[idx], digit_size)
         self.digit_labels = labels[idx]
         self.num_clips, self.seed, self.num_frames, self.canvas = num_clips, seed, num_frames, canvas
         self.digit_size, self.max_speed, self.channels = digit_size, max_speed, channels
+        self.speed_period = speed_period
 
     def __len__(self) -> int:
         return self.num_clips
@@ -232,7 +241,8 @@ class MovingDigitsDataset(Dataset):
         span = self.canvas - self.digit_size
         start = rng.integers(0, span + 1, size=2)
         speed = rng.integers(1, self.max_speed + 1, size=2) * rng.choice([-1, 1], size=2)
-        raw = start[None, :] + np.arange(self.num_frames)[:, None] * speed[None, :]
+        p = self.speed_period  # in 1/p pixels until the floor: exact integer arithmetic, any length
+        raw = (start[None, :] * p + np.arange(self.num_frames)[:, None] * speed[None, :]) // p
         folded = np.mod(raw, 2 * span)  # a triangle wave: the bounce
         return np.where(folded > span, 2 * span - folded, folded).astype(np.int64)
 

@@ -63,6 +63,9 @@ from transformers import CLIPTextModel, T5EncoderModel, UMT5Config, UMT5EncoderM
 
 from .data import NUM_CLASSES, caption_for, make_tmp_dir, replace_dir
 
+# imported here, not lazily: from_pretrained loads digits-video's denoiser only from an imported module
+from .xpred_wan import XPredictionWanTransformer3DModel
+
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TESTBED_FILE = "testbed.json"
 TEXT_LENGTH = 16  # tokens per caption ("a 3, a 7 and a 1" is 11 CLIP tokens with BOS/EOS)
@@ -289,6 +292,7 @@ def build_digits_video(
     patch: int = 4,
     flow_shift: float = 3.0,
     grey: bool = True,
+    x_prediction: bool = True,
 ) -> WanPipeline:
     """Untrained ``digits-video``: a tiny pixel-space ``WanTransformer3DModel`` (~1.2 M parameters).
 
@@ -298,7 +302,10 @@ def build_digits_video(
     into width 128 (the width must exceed what a token carries, or the model cannot pass the noise
     through to its velocity output). A batch-16 training step takes about a second on one CPU thread.
     ``num_layers``, ``heads`` (of dim 16), ``patch``, ``flow_shift`` (UniPC's, and the training
-    timesteps') and ``grey`` (RGB latents: 3x the values) scale it.
+    timesteps') and ``grey`` (RGB latents: 3x the values) scale it. ``x_prediction`` (default) makes
+    the denoiser a :class:`~diffattn.testbed.xpred_wan.XPredictionWanTransformer3DModel`: stock Wan
+    whose network predicts the clean video and returns its velocity, without which a model this narrow
+    leaves its tokens' noise in the samples.
     """
     from ..zoo import _t5_config, _t5_tokenizer
 
@@ -307,7 +314,7 @@ def build_digits_video(
     text_encoder = UMT5EncoderModel(_t5_config(tok, d_model=32, cls=UMT5Config)).eval().requires_grad_(False)
     vae = PixelSpaceVideoVAE(z_dim=4, latent_channels=1) if grey else PixelSpaceVideoVAE()
     _seed(seed, 0)
-    transformer = WanTransformer3DModel(
+    transformer = (XPredictionWanTransformer3DModel if x_prediction else WanTransformer3DModel)(
         patch_size=(1, patch, patch),
         num_attention_heads=heads,
         attention_head_dim=16,
@@ -385,7 +392,7 @@ class TestbedModel:
     Attributes:
         name: registry name (also the folder name under ``diffattn/testbed/weights``).
         pipeline_class: the diffusers pipeline class its folder must hold.
-        denoiser: the denoiser component and its class.
+        denoiser: the denoiser component and its class (or the classes it may be).
         build: ``(seed, **options) -> pipeline`` with random weights.
         call_kwargs: default generation keywords (25 steps, guidance); ``prompt`` / ``generator`` excluded.
         num_classes: digit classes (captions ``caption_for(label)``); 0 for models without classes.
@@ -396,7 +403,7 @@ class TestbedModel:
     name: str
     description: str
     pipeline_class: str
-    denoiser: tuple[str, str]
+    denoiser: tuple[str, str | tuple[str, ...]]
     build: Callable[..., DiffusionPipeline]
     call_kwargs: dict[str, Any] = field(default_factory=dict)
     num_classes: int = NUM_CLASSES
@@ -430,7 +437,8 @@ MODELS: dict[str, TestbedModel] = {
             name="digits-video",
             description="class-conditional tiny pixel-space WanTransformer3DModel on 32x32 moving-digit clips, 29 frames",
             pipeline_class="WanPipeline",
-            denoiser=("transformer", "WanTransformer3DModel"),
+            # build_digits_video(x_prediction=False) gives the stock class
+            denoiser=("transformer", ("XPredictionWanTransformer3DModel", "WanTransformer3DModel")),
             build=build_digits_video,
             call_kwargs={
                 **_IMAGE_CALL,
@@ -576,9 +584,10 @@ def check_folder(folder: str | os.PathLike, name: str | None = None) -> None:
             raise FileNotFoundError(f"{sub} has no weights file (expected {entry[1]} safetensors)")
     if spec is not None:
         comp, cls = spec.denoiser
+        accepted = (cls,) if isinstance(cls, str) else tuple(cls)
         entry = model_index.get(comp)
-        if not isinstance(entry, list) or entry[1] != cls:
-            raise ValueError(f"{index}: component {comp!r} is {entry!r}; {spec.name} expects {cls!r}")
+        if not isinstance(entry, list) or entry[1] not in accepted:
+            raise ValueError(f"{index}: component {comp!r} is {entry!r}; {spec.name} expects {' or '.join(accepted)}")
 
 
 def load_folder(
