@@ -183,7 +183,7 @@ MOVING_DIGIT = 16  # the digit's side in them
 MOVING_SPEED = 2  # fastest motion on each axis, pixels per MOVING_SPEED_PERIOD frames (one digit pixel)
 # frames per speed unit: 4 is one latent frame of digits-video (Wan's VAE stacks 4 frames), so the digit
 # moves 1-2 px per latent frame, less than a 4 px token, as in a real video latent. At 1-2 px per frame
-# a digit slid 4-8 px inside one latent frame and its 4 stacked frames shared almost no ink.
+# a digit slid 4-8 px inside one latent frame, so a 4 px token's 4 stacked frames showed different parts of it.
 MOVING_SPEED_PERIOD = 4
 
 

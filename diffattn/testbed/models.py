@@ -299,8 +299,8 @@ def build_digits_video(
     Frames are 32x32 (a 16 px digit, 2x the scikit-learn 8x8, moving on them); a grey
     :class:`PixelSpaceVideoVAE` stacks 4 frames per latent frame (29 frames -> 8 latent frames of 4
     channels) and 4x4 patches give 64 tokens per latent frame, so a token carries 4 x 4 x 4 = 64 values
-    into width 128 (the width must exceed what a token carries, or the model cannot pass the noise
-    through to its velocity output). A batch-16 training step takes about a second on one CPU thread.
+    into width 128 (a stock Wan, predicting the velocity, must pass that much noise through; the
+    width has to exceed it). A batch-16 training step takes about a second on one CPU thread.
     ``num_layers``, ``heads`` (of dim 16), ``patch``, ``flow_shift`` (UniPC's, and the training
     timesteps') and ``grey`` (RGB latents: 3x the values) scale it. ``x_prediction`` (default) makes
     the denoiser a :class:`~diffattn.testbed.xpred_wan.XPredictionWanTransformer3DModel`: stock Wan
