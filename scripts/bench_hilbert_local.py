@@ -101,6 +101,9 @@ def bench_layer(args, device: str, dtype: torch.dtype) -> list[dict]:
                     cases.append((granularity, requested, bm, fn, t_first))
             # dense and every engine case timed in turn, round after round (see interleaved_samples)
             times = interleaved_samples(fns, args.repeats, device, warmup=0)
+            # the token rule's density: the same for every case of this side
+            token_density = local_density(side, side, args.radius, "hilbert", args.block_size,
+                                          text_len=args.text, lr_height=lr, lr_width=lr)
             for granularity, requested, bm, fn, t_first in cases:
                 density = bm.density()
                 figures = rounds_figures(times["dense"], times[f"{granularity}/{requested}"], density)
@@ -112,8 +115,7 @@ def bench_layer(args, device: str, dtype: torch.dtype) -> list[dict]:
                     "requested": requested,
                     "backend": resolve_backend(q, k, v, bm, requested),
                     "block_density": density,
-                    "token_density": local_density(side, side, args.radius, "hilbert", args.block_size,
-                                                   text_len=args.text, lr_height=lr, lr_width=lr),
+                    "token_density": token_density,
                     **figures,
                     "local_s": figures["sparse_s"],
                     "first_call_s": t_first,

@@ -41,6 +41,8 @@ class XPredictionWanTransformer3DModel(WanTransformer3DModel):
     (``(batch,)``): the per-token timesteps of Wan 2.2's TI2V are not handled.
     """
 
+    # Wan's whole signature, not *args / **kwargs: from_pretrained passes a config only the keys that
+    # __init__'s signature names
     @register_to_config
     def __init__(
         self,
