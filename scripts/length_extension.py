@@ -8,6 +8,10 @@ frames). At that length it first compares dense and radial attention without tun
 (c) radial attention + LoRA (recipe ``long-video``)
 (d) dense attention + LoRA (the same recipe with ``--attention dense``, the same steps and seed)
 
+Radial generation keeps the reference's dense warm-up at the same fraction of the schedule (the first
+12 of 50 steps there, ``--dense-timesteps 6`` of 25 here); LoRA training runs the sparse mask on every
+step and layer.
+
 Quality: per-frame digit accuracy (the shipped classifier on the digit's box, located per frame),
 temporal consistency (PSNR between consecutive frames) and motion jitter (mean |second difference| of
 the digit's position; 0 for constant velocity) on ``--samples`` videos (class ``i % 10``, seed
@@ -15,7 +19,7 @@ the digit's position; 0 for constant velocity) on ``--samples`` videos (class ``
 wall time (c) vs (d) and generation time per video. Writes ``OUT.json`` and ``OUT.png``.
 
     python scripts/length_extension.py                          # the README table
-    python scripts/length_extension.py --samples 4 --train-steps 4 --clips 8 --steps 4 --out /tmp/le
+    python scripts/length_extension.py --samples 4 --train-steps 4 --clips 8 --steps 4 --dense-timesteps 1 --out /tmp/le
 """
 
 from __future__ import annotations
@@ -70,7 +74,9 @@ def generate(pipe: Any, args: argparse.Namespace, num_frames: int, desc: str) ->
     return videos, seconds / args.samples
 
 
-def train_lora(args: argparse.Namespace, data: Path, out: Path, attention: str | None) -> float:
+def train_lora(args: argparse.Namespace, data: Path, out: Path, attention: str | None) -> tuple[float, dict]:
+    """Train one LoRA; returns its wall time and losses (the fixed-set loss: 8 fixed (timestep, noise)
+    draws of training clips, before and after, each under the attention it trains with)."""
     from diffattn.lora.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig(
@@ -87,7 +93,7 @@ def train_lora(args: argparse.Namespace, data: Path, out: Path, attention: str |
         rank=args.rank,
         lr_scheduler="constant",
         cpu=True,
-        eval_samples=0,
+        eval_samples=8,
         log_every=10,
         max_sequence_length=models.TEXT_LENGTH,
         timestep_sampling="logit_normal",
@@ -95,8 +101,12 @@ def train_lora(args: argparse.Namespace, data: Path, out: Path, attention: str |
         attention_options={} if attention == "dense" else dict(args.radial),
     )
     t0 = time.perf_counter()
-    Trainer(cfg).train()
-    return time.perf_counter() - t0
+    result = Trainer(cfg).train()
+    losses = {
+        "lora_final_train_loss": round(result.final_loss, 4),
+        "lora_fixed_set_loss": [round(result.fixed_loss_start, 4), round(result.fixed_loss_end, 4)],
+    }
+    return time.perf_counter() - t0, losses
 
 
 def figure(rows: list[dict], strips: dict[str, np.ndarray], path: Path) -> None:
@@ -139,13 +149,29 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--block-size", type=int, default=64, help="radial block size (64 = one latent frame)")
     p.add_argument("--decay-factor", type=float, default=1.0)
+    p.add_argument(
+        "--dense-timesteps",
+        type=int,
+        default=6,
+        help="generation: the first N denoising steps stay dense (the reference runs 12 of 50 dense; 6 of 25 here)",
+    )
+    p.add_argument("--dense-layers", type=int, default=0, help="generation: the first N transformer blocks stay dense")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model", default=None, help="a digits-video pipeline folder (default: the shipped one)")
     p.add_argument("--out", default="docs/length_extension")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.model = args.model or str(models.weights_dir("digits-video"))
+    for name in ("steps", "samples", "train_steps", "clips", "batch_size", "factor"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.dense_timesteps <= args.steps:
+        p.error(f"--dense-timesteps must be in [0, --steps={args.steps}], got {args.dense_timesteps}")
+    if args.dense_layers < 0:
+        p.error(f"--dense-layers must be >= 0, got {args.dense_layers}")
+    # training runs the sparse mask on every layer and step; generation adds the dense warm-up
     args.radial = {"block_size": args.block_size, "decay_factor": args.decay_factor}
+    args.radial_generation = {**args.radial, "dense_timesteps": args.dense_timesteps, "dense_layers": args.dense_layers}
     args.long_frames = 1 + (TRAINED_LATENT * args.factor - 1) * 4
     classifier = load_classifier()
     rows: list[dict] = []
@@ -166,13 +192,13 @@ def main() -> None:
 
     pipe = models.load_folder(args.model, "digits-video")
     # at the trained length first: radial without tuning should stay close to dense there
-    for label, opts in (("dense, trained length", None), ("radial, trained length", args.radial)):
+    for label, opts in (("dense, trained length", None), ("radial, trained length", args.radial_generation)):
         with diffattn.apply(pipe, "radial", **opts) if opts else contextlib.nullcontext():
             videos, t = generate(pipe, args, TRAINED_FRAMES, label)
         record(label, videos, t)
     videos, t = generate(pipe, args, args.long_frames, "(a) dense")
     record("(a) dense, no tuning", videos, t)
-    with diffattn.apply(pipe, "radial", **args.radial):
+    with diffattn.apply(pipe, "radial", **args.radial_generation):
         videos, t = generate(pipe, args, args.long_frames, "(b) radial")
     record("(b) radial, no tuning", videos, t)
 
@@ -181,19 +207,19 @@ def main() -> None:
             MovingDigitsDataset(num_clips=args.clips, split="train", seed=7, num_frames=args.long_frames, channels=3),
             Path(tmp) / "clips",
         )
-        train_s = {}
+        train_s, losses = {}, {}
         for name, attention in (("radial", None), ("dense", "dense")):
-            train_s[name] = train_lora(args, data, Path(tmp) / name, attention)
-            print(f"LoRA training with {name} attention: {train_s[name]:.1f} s")
+            train_s[name], losses[name] = train_lora(args, data, Path(tmp) / name, attention)
+            print(f"LoRA training with {name} attention: {train_s[name]:.1f} s, {losses[name]}")
         for name, label in (("radial", "(c) radial + LoRA"), ("dense", "(d) dense + LoRA")):
             tuned = models.load_folder(args.model, "digits-video")
             tuned.load_lora_weights(str(Path(tmp) / name))
             if name == "radial":
-                with diffattn.apply(tuned, "radial", **args.radial):
+                with diffattn.apply(tuned, "radial", **args.radial_generation):
                     videos, t = generate(tuned, args, args.long_frames, label)
             else:
                 videos, t = generate(tuned, args, args.long_frames, label)
-            record(label, videos, t, {"lora_train_seconds": round(train_s[name], 1)})
+            record(label, videos, t, {"lora_train_seconds": round(train_s[name], 1), **losses[name]})
     rows.append(rows_real)
 
     out = Path(args.out)
@@ -202,7 +228,8 @@ def main() -> None:
         "frames": args.long_frames,
         "latent_frames": 8 * args.factor,
         "tokens": 8 * args.factor * 64,
-        "radial_options": args.radial,
+        "radial_options": args.radial,  # training
+        "radial_generation_options": args.radial_generation,
         "samples": args.samples,
         "denoising_steps": args.steps,
         "lora": {"steps": args.train_steps, "batch_size": args.batch_size, "rank": args.rank, "clips": args.clips,

@@ -539,3 +539,42 @@ def test_long_video_recipe_trains_through_radial_attention(tmp_path):
     for k in dense:
         torch.testing.assert_close(full[k], dense[k], atol=1e-5, rtol=1e-4)
     assert max((sparse[k] - dense[k]).abs().max().item() for k in dense) > 1e-4
+
+
+def _length_extension_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "length_extension.py"
+    spec = importlib.util.spec_from_file_location("length_extension", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_length_extension_script_end_to_end(tmp_path, monkeypatch):
+    """The README's length-extension table command on a tiny untrained model: every condition is
+    generated and scored, both LoRAs train, the JSON records the training and generation options."""
+    import json
+    import sys
+
+    from diffattn.testbed import models as TM
+
+    mod = _length_extension_script()
+    folder = TM.save(TM.build("digits-video", num_layers=1, heads=2), tmp_path / "model", "digits-video")
+    argv = ["length_extension.py", "--model", str(folder), "--samples", "2", "--train-steps", "1", "--clips", "2",
+            "--batch-size", "1", "--steps", "2", "--dense-timesteps", "1", "--factor", "2", "--out", str(tmp_path / "le")]
+    monkeypatch.setattr(sys, "argv", argv)
+    mod.main()
+    result = json.loads((tmp_path / "le.json").read_text())
+    assert [r["condition"][:3] for r in result["rows"]] == ["den", "rad", "(a)", "(b)", "(c)", "(d)", "rea"]
+    assert result["frames"] == 61 and result["latent_frames"] == 16  # 2x the trained 8 latent frames
+    assert "dense_timesteps" not in result["radial_options"]  # training is sparse on every step
+    assert result["radial_generation_options"]["dense_timesteps"] == 1
+    assert all(0.0 <= r["frame_accuracy"] <= 1.0 for r in result["rows"])
+    assert result["rows"][-1]["frame_accuracy"] >= 0.9  # the real clips are read as their digit
+    assert all(len(r["lora_fixed_set_loss"]) == 2 for r in result["rows"][4:6])
+    assert (tmp_path / "le.png").is_file()
+    monkeypatch.setattr(sys, "argv", argv[:1] + ["--steps", "4", "--dense-timesteps", "5"])
+    with pytest.raises(SystemExit):
+        mod.main()

@@ -33,12 +33,18 @@ FAST = dict(
     checkpoint_every=6,
     log_every=1,
 )
+# digits-video's image phase (single frames), as tiny
+PRETRAIN_FAST = {k: v for k, v in FAST.items() if k != "num_images"} | {"max_steps": 4, "checkpoint_every": 2}
+
+
+def _options(name: str) -> dict:
+    return {**FAST, "pretrain": PRETRAIN_FAST} if name == "digits-video" else dict(FAST)
 
 
 @pytest.mark.parametrize("name", ["digits-unet", "digits-dit", "digits-video", "digits-lamamba"])
 def test_train_tiny_model_loadable_and_loss_decreases(tmp_path, name):
     out, run = tmp_path / "model", tmp_path / "run"
-    record = commands.train(name, out=out, seed=0, run_dir=run, model_options=TINY[name], **FAST)
+    record = commands.train(name, out=out, seed=0, run_dir=run, model_options=TINY[name], **_options(name))
     assert record["steps"] == 12 and record["train_items"] == 16
     assert record["fixed_set_loss_end"] < record["fixed_set_loss_start"]  # it learns
     assert record["size_mb"] < 20
@@ -62,10 +68,36 @@ def test_train_tiny_model_loadable_and_loss_decreases(tmp_path, name):
     # two checkpoints kept; resuming continues from the newest and publishes again
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000006", "step-000012"]
     again = commands.train(
-        name, out=out, seed=0, run_dir=run, resume=True, model_options=TINY[name], **{**FAST, "max_steps": 14}
+        name, out=out, seed=0, run_dir=run, resume=True, model_options=TINY[name], **{**_options(name), "max_steps": 14}
     )
     assert again["steps"] == 14 and again["resumed_from"].endswith("step-000012")
     assert len(list(csv.DictReader((out / "train_log.csv").open()))) == 14
+    if name == "digits-video":
+        # the image phase ran once, on single frames, and ships its own loss log; resuming skipped it
+        assert record["pretrain"]["steps"] == 4 and record["pretrain"]["train_config"]["num_frames"] == 1
+        assert again["pretrain"]["steps"] == 4 and again["pretrain"]["final_train_loss"] == record["pretrain"]["final_train_loss"]
+        assert again["pretrain"]["train_seconds_this_call"] == 0.0
+        assert len(list(csv.DictReader((out / "pretrain_log.csv").open()))) == 4
+    else:
+        assert "pretrain" not in record and not (out / "pretrain_log.csv").exists()
+
+
+def test_video_phase_starts_from_the_image_phase(tmp_path):
+    # a video phase that cannot move the weights (learning rate 0, no EMA) publishes the image phase's model
+    frozen = {**FAST, "max_steps": 2, "learning_rate": 0.0, "weight_decay": 0.0, "checkpoint_every": 0}
+    opts = dict(model_options=TINY["digits-video"], pretrain={**PRETRAIN_FAST, "max_steps": 3})
+    commands.train("digits-video", out=tmp_path / "m", run_dir=tmp_path / "r", **opts, **frozen)
+    published = models.load_folder(tmp_path / "m", "digits-video").transformer.state_dict()
+    pre = models.load_folder(tmp_path / "r" / "pretrain" / "pipeline", "digits-video").transformer.state_dict()
+    init = models.load_folder(tmp_path / "r" / "init", "digits-video").transformer.state_dict()
+    assert all(torch.equal(published[k], pre[k]) for k in pre)
+    assert any(not torch.equal(init[k], pre[k]) for k in pre)  # and the image phase did train
+    # no image phase: the video phase starts from the untrained model
+    commands.train("digits-video", out=tmp_path / "m2", run_dir=tmp_path / "r2", pretrain=False,
+                   model_options=TINY["digits-video"], **frozen)
+    bare = models.load_folder(tmp_path / "m2", "digits-video").transformer.state_dict()
+    assert all(torch.equal(bare[k], init[k]) for k in init)
+    assert not (tmp_path / "r2" / "pretrain").exists()
 
 
 def test_train_bad_input(tmp_path):
@@ -73,6 +105,12 @@ def test_train_bad_input(tmp_path):
         commands.train("digits-vae", out=tmp_path / "x")
     with pytest.raises(ValueError, match="unknown training option"):
         commands.train("digits-unet", out=tmp_path / "x", run_dir=tmp_path / "r", max_stepz=3)
+    with pytest.raises(ValueError, match="unknown pretrain option"):
+        commands.train("digits-video", out=tmp_path / "x", run_dir=tmp_path / "r", pretrain={"max_stepz": 3})
+    with pytest.raises(ValueError, match="has no image phase"):
+        commands.train("digits-unet", out=tmp_path / "x", run_dir=tmp_path / "r", pretrain={"max_steps": 3})
+    with pytest.raises(ValueError, match="pretrain must be True, False or a dict"):
+        commands.train("digits-video", out=tmp_path / "x", run_dir=tmp_path / "r", pretrain="yes")
     assert not (tmp_path / "x").exists()
 
 

@@ -186,18 +186,20 @@ def moving_digit_metrics(
     videos: Sequence[Any], labels: Sequence[int], digit_size: int, classifier: Any = None
 ) -> dict[str, Any]:
     """Means over videos of one moving digit each: per-frame accuracy (``per_video`` too), consecutive-
-    frame PSNR and motion jitter — the figures the video testbed reports."""
+    frame PSNR and motion jitter — the figures the video testbed reports. Single frames (the image phase
+    of digits-video's training) get ``None`` for PSNR, and clips under 3 frames for jitter."""
     from .classifier import load_classifier
 
     model = classifier if classifier is not None else load_classifier()
     if len(videos) != len(labels):
         raise ValueError(f"{len(videos)} videos but {len(labels)} labels")
     acc = [per_frame_accuracy(v, lab, model, digit_size=digit_size)["accuracy"] for v, lab in zip(videos, labels)]
+    n_frames = min(len(_frames(v)) for v in videos)
     return {
         "frame_accuracy": float(np.mean(acc)),
         "per_video": acc,
-        "consecutive_psnr_db": float(np.mean([temporal_consistency(v)["psnr_db"] for v in videos])),
-        "motion_jitter_px": float(np.mean([motion_jitter(v, digit_size) for v in videos])),
+        "consecutive_psnr_db": float(np.mean([temporal_consistency(v)["psnr_db"] for v in videos])) if n_frames >= 2 else None,
+        "motion_jitter_px": float(np.mean([motion_jitter(v, digit_size) for v in videos])) if n_frames >= 3 else None,
     }
 
 
