@@ -78,6 +78,9 @@ def test_train_tiny_model_loadable_and_loss_decreases(tmp_path, name):
         assert again["pretrain"]["steps"] == 4 and again["pretrain"]["final_train_loss"] == record["pretrain"]["final_train_loss"]
         assert again["pretrain"]["train_seconds_this_call"] == 0.0
         assert len(list(csv.DictReader((out / "pretrain_log.csv").open()))) == 4
+        with pytest.raises(ValueError, match="the finished image phase .* ran with"):
+            commands.train(name, out=out, seed=0, run_dir=run, resume=True, model_options=TINY[name],
+                           **{**_options(name), "pretrain": {**PRETRAIN_FAST, "max_steps": 5}})
     else:
         assert "pretrain" not in record and not (out / "pretrain_log.csv").exists()
 

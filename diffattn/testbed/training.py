@@ -79,6 +79,7 @@ PRETRAIN: dict[str, dict[str, Any]] = {
     "digits-video": {**_COMMON, **_FLOW, "max_steps": 3000, "eval_samples": 16, "num_frames": 1},
 }
 PRETRAIN_DIR = "pretrain"  # the image phase's trainer output, inside the run folder
+PHASE_FILE = "phase.json"  # the image phase's settings, beside its output (a resume checks them)
 
 # per model: (trainer recipe, how its training data is written); images: the digits training split
 VIDEO_CLIPS = 2000  # moving-digit clips digits-video trains on (drawn from the training digits)
@@ -217,10 +218,21 @@ def train_model(
         recipe, data, n_train = _export_data(name, Path(tmp), num_images)
         for output, start_from, phase_settings in phases:
             t_phase = time.perf_counter()
-            if output is pre_run and _phase_done(pre_run):
-                results.append(None)  # finished in an earlier call
-                seconds.append(0.0)
-                continue
+            if output is pre_run:
+                saved_file = pre_run / PHASE_FILE
+                wanted = json.loads(json.dumps(phase_settings))
+                if _phase_done(pre_run):  # finished in an earlier call: kept, if it is the phase asked for
+                    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else None
+                    if saved is not None and saved != wanted:
+                        raise ValueError(
+                            f"--resume: the finished image phase in {pre_run} ran with {saved}, this call asks "
+                            f"for {wanted}; use another --run-dir to train a new one"
+                        )
+                    results.append(None)
+                    seconds.append(0.0)
+                    continue
+                pre_run.mkdir(parents=True, exist_ok=True)
+                saved_file.write_text(json.dumps(wanted) + "\n")
             config = TrainConfig(
                 recipe=recipe,
                 model=str(start_from),
