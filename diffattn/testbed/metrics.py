@@ -194,7 +194,7 @@ def moving_digit_metrics(
     if len(videos) != len(labels):
         raise ValueError(f"{len(videos)} videos but {len(labels)} labels")
     acc = [per_frame_accuracy(v, lab, model, digit_size=digit_size)["accuracy"] for v, lab in zip(videos, labels)]
-    n_frames = min(len(_frames(v)) for v in videos)
+    n_frames = min(len(v) for v in videos)  # frames come first in every accepted layout
     return {
         "frame_accuracy": float(np.mean(acc)),
         "per_video": acc,

@@ -132,11 +132,25 @@ def _last_row(log: Path) -> dict[str, str]:
     return rows[-1]
 
 
-def _phase_done(output: Path) -> bool:
+def _finished_phase(output: Path, settings: dict[str, Any]) -> bool:
+    """Whether the phase in ``output`` finished in an earlier call (one that ran with other settings is
+    an error); if not, its settings are recorded there before it trains."""
     from diffattn.lora.trainer import PIPELINE_DIR
 
+    saved_file = output / PHASE_FILE
+    wanted = json.loads(json.dumps(settings))
     # the trainer renames the finished pipeline into place as its last step
-    return (output / PIPELINE_DIR / "model_index.json").is_file()
+    if (output / PIPELINE_DIR / "model_index.json").is_file():
+        saved = json.loads(saved_file.read_text()) if saved_file.is_file() else None
+        if saved is not None and saved != wanted:
+            raise ValueError(
+                f"--resume: the finished image phase in {output} ran with {saved}, this call asks "
+                f"for {wanted}; use another --run-dir to train a new one"
+            )
+        return True
+    output.mkdir(parents=True, exist_ok=True)
+    saved_file.write_text(json.dumps(wanted) + "\n")
+    return False
 
 
 def train_model(
@@ -218,21 +232,10 @@ def train_model(
         recipe, data, n_train = _export_data(name, Path(tmp), num_images)
         for output, start_from, phase_settings in phases:
             t_phase = time.perf_counter()
-            if output is pre_run:
-                saved_file = pre_run / PHASE_FILE
-                wanted = json.loads(json.dumps(phase_settings))
-                if _phase_done(pre_run):  # finished in an earlier call: kept, if it is the phase asked for
-                    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else None
-                    if saved is not None and saved != wanted:
-                        raise ValueError(
-                            f"--resume: the finished image phase in {pre_run} ran with {saved}, this call asks "
-                            f"for {wanted}; use another --run-dir to train a new one"
-                        )
-                    results.append(None)
-                    seconds.append(0.0)
-                    continue
-                pre_run.mkdir(parents=True, exist_ok=True)
-                saved_file.write_text(json.dumps(wanted) + "\n")
+            if output is pre_run and _finished_phase(pre_run, phase_settings):
+                results.append(None)
+                seconds.append(0.0)
+                continue
             config = TrainConfig(
                 recipe=recipe,
                 model=str(start_from),
