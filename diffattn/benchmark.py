@@ -183,3 +183,35 @@ def environment() -> dict[str, Any]:
     if alloc:
         info["allocator_env"] = alloc
     return info
+
+
+# ``--backends`` choices of the engine benchmarks: the engine's backends, and ``gather-sdpa`` (gather with
+# the native CPU kernel turned off, to time the two CPU kernels side by side)
+ENGINE_BACKENDS: tuple[str, ...] = ("auto", "flex", "gather", "gather-sdpa", "sdpa")
+
+
+def engine_call(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: Any, requested: str
+) -> tuple[str, Callable[[], torch.Tensor], str | None]:
+    """One ``--backends`` entry of an engine benchmark: (the backend that runs, the call to time, the CPU
+    kernel a gather call runs, ``"native"`` or ``"sdpa"``, else ``None``). A missing native kernel is
+    warned about once, here, so the benchmark's output says why."""
+    from .ops import block_sparse_attention, native_cpu, resolve_backend
+    from .ops.gather_attention import cpu_kernel
+
+    if requested not in ENGINE_BACKENDS:
+        raise ValueError(f"backend must be one of {list(ENGINE_BACKENDS)}, got {requested!r}")
+    on_cpu = q.device.type == "cpu"
+    if requested == "gather-sdpa":
+
+        def fn() -> torch.Tensor:
+            with native_cpu.disabled():
+                return block_sparse_attention(q, k, v, bm, backend="gather")
+
+        return "gather", fn, "sdpa" if on_cpu else None
+    backend = resolve_backend(q, k, v, bm, requested)
+    if backend == "gather" and on_cpu and q.dtype == torch.float32:
+        native_cpu.kernel_or_warn()
+    kernel = cpu_kernel(q) if backend == "gather" and on_cpu else None
+    return backend, (lambda: block_sparse_attention(q, k, v, bm, backend=requested)), kernel
+

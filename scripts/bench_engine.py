@@ -27,6 +27,8 @@ from tqdm import tqdm
 
 from diffattn.benchmark import (
     DTYPES,
+    ENGINE_BACKENDS,
+    engine_call,
     environment,
     interleaved_samples,
     measure_peak,
@@ -36,6 +38,7 @@ from diffattn.benchmark import (
     write_json,
 )
 from diffattn.ops import BlockMask, block_sparse_attention, flex_backend, resolve_backend
+from diffattn.ops.gather_attention import cpu_kernel
 
 
 def pattern_bitmap(n_blocks: int, density: float, pattern: str, seed: int = 0) -> torch.Tensor:
@@ -91,8 +94,9 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--pattern", choices=["band", "random"], default="band")
     p.add_argument(
-        "--backends", nargs="+", default=["flex", "gather"], choices=["auto", "flex", "gather", "sdpa"],
-        help="engine backends timed side by side (forward); the backward uses 'auto'",
+        "--backends", nargs="+", default=["flex", "gather"], choices=ENGINE_BACKENDS,
+        help="engine backends timed side by side (forward; 'gather-sdpa': gather with the native CPU kernel "
+        "turned off); the backward uses 'auto'",
     )
     p.add_argument("--backward-length", type=int, default=8192, help="length of the forward + backward run (0: skip)")
     p.add_argument("--backward-densities", type=float, nargs="+", default=[0.1, 0.2, 0.3])
@@ -128,8 +132,7 @@ def main() -> None:
             cases, fns, recompiles = [], {"dense": dense}, {}
             for target, requested in [(t, b) for t in args.densities for b in args.backends]:
                 bm = BlockMask(pattern_bitmap(nb, target, args.pattern), n, n, bs)
-                backend = resolve_backend(q, k, v, bm, requested)
-                fn = lambda bm=bm, q=q, k=k, v=v, b=requested: block_sparse_attention(q, k, v, bm, backend=b)  # noqa: E731
+                backend, fn, kernel = engine_call(q, k, v, bm, requested)
                 before = flex_backend.STATS.compiles
                 t_first = timeit(fn, device, repeats=1, warmup=0)  # includes compiling, if any
                 key = f"{target}/{requested}"
@@ -141,10 +144,10 @@ def main() -> None:
                     recompiles[key] += flex_backend.STATS.compiles - mid
 
                 fns[key] = counted
-                cases.append((key, target, requested, bm, backend, t_first, flex_backend.STATS.compiles - before, fn))
+                cases.append((key, target, requested, bm, backend, kernel, t_first, flex_backend.STATS.compiles - before, fn))
             # dense and every engine case timed in turn, round after round (see interleaved_samples)
             times = interleaved_samples(fns, args.repeats, device, warmup=0)
-            for key, target, requested, bm, backend, t_first, compiled, fn in cases:
+            for key, target, requested, bm, backend, kernel, t_first, compiled, fn in cases:
                 density, recompiled = bm.density(), recompiles[key] > 0
                 mem = measure_peak(fn, device)
                 row = {
@@ -153,6 +156,7 @@ def main() -> None:
                     "density": density,
                     "requested": requested,
                     "backend": backend,
+                    "cpu_kernel": kernel,
                     **rounds_figures(times["dense"], times[key], density),
                     "first_call_s": t_first,
                     "compiles": compiled,
@@ -163,7 +167,7 @@ def main() -> None:
                 forward_rows.append(row)
                 bar.update(1)
                 tqdm.write(
-                    f"n={n:6d} density={density:.3f} backend={backend:6s} dense={row['dense_s'] * 1e3:8.1f}ms "
+                    f"n={n:6d} density={density:.3f} backend={backend:6s} kernel={kernel} dense={row['dense_s'] * 1e3:8.1f}ms "
                     f"sparse={row['sparse_s'] * 1e3:8.1f}ms speedup={row['speedup']:5.2f}x ideal={row['ideal']:5.2f}x "
                     f"efficiency={row['efficiency']:.2f} (median {row['efficiency_median']:.2f}) "
                     f"first_call={t_first:.2f}s compiles={compiled} "
@@ -201,6 +205,7 @@ def main() -> None:
                 "tokens": n,
                 "density": density,
                 "backend": backend,
+                "cpu_kernel": cpu_kernel(q) if backend == "gather" and device == "cpu" else None,
                 **rounds_figures(times["dense"], times[str(target)], density),
                 "peak_mb_dense": mem_dense,
                 "peak_mb_sparse": mem,

@@ -31,6 +31,8 @@ from tqdm import tqdm
 
 from diffattn.benchmark import (
     DTYPES,
+    ENGINE_BACKENDS,
+    engine_call,
     environment,
     interleaved_samples,
     measure_peak,
@@ -40,7 +42,7 @@ from diffattn.benchmark import (
     write_json,
 )
 from diffattn.masks import block_fill, local_block_mask, local_density, token_order
-from diffattn.ops import block_sparse_attention, flex_backend, resolve_backend
+from diffattn.ops import flex_backend
 
 ORDERS = ("raster", "window", "hilbert")
 
@@ -95,16 +97,16 @@ def bench_layer(args, device: str, dtype: torch.dtype) -> list[dict]:
                 bm = local_block_mask(side, side, args.radius, "hilbert", args.block_size, text_len=args.text,
                                       lr_height=lr, lr_width=lr, granularity=granularity, device=device)
                 for requested in args.backends:
-                    fn = lambda q=q, k=k, v=v, bm=bm, b=requested: block_sparse_attention(q, k, v, bm, backend=b)  # noqa: E731
+                    backend, fn, kernel = engine_call(q, k, v, bm, requested)
                     t_first = timeit(fn, device, repeats=1, warmup=0)  # includes compiling, if any
                     fns[f"{granularity}/{requested}"] = fn
-                    cases.append((granularity, requested, bm, fn, t_first))
+                    cases.append((granularity, requested, bm, backend, kernel, fn, t_first))
             # dense and every engine case timed in turn, round after round (see interleaved_samples)
             times = interleaved_samples(fns, args.repeats, device, warmup=0)
             # the token rule's density: the same for every case of this side
             token_density = local_density(side, side, args.radius, "hilbert", args.block_size,
                                           text_len=args.text, lr_height=lr, lr_width=lr)
-            for granularity, requested, bm, fn, t_first in cases:
+            for granularity, requested, bm, backend, kernel, fn, t_first in cases:
                 density = bm.density()
                 figures = rounds_figures(times["dense"], times[f"{granularity}/{requested}"], density)
                 row = {
@@ -113,7 +115,8 @@ def bench_layer(args, device: str, dtype: torch.dtype) -> list[dict]:
                     "tokens": n,
                     "granularity": granularity,
                     "requested": requested,
-                    "backend": resolve_backend(q, k, v, bm, requested),
+                    "backend": backend,
+                    "cpu_kernel": kernel,
                     "block_density": density,
                     "token_density": token_density,
                     **figures,
@@ -126,7 +129,7 @@ def bench_layer(args, device: str, dtype: torch.dtype) -> list[dict]:
                 bar.update(1)
                 tqdm.write(
                     f"(b) {side}x{side} (+{args.text} text, {lr}x{lr} LR) tokens={n} {granularity:5s} "
-                    f"{row['backend']:6s} density={density:.4f} dense={row['dense_s']:.3f}s "
+                    f"{requested:11s} {row['backend']:6s} kernel={kernel} density={density:.4f} dense={row['dense_s']:.3f}s "
                     f"local={row['local_s']:.3f}s speedup={row['speedup']:.1f}x ideal={row['ideal']:.1f}x "
                     f"efficiency={row['efficiency']:.2f} (median {row['efficiency_median']:.2f})"
                 )
@@ -231,7 +234,7 @@ def plot_speed(out: Path, order_rows: list[dict], layer_rows: list[dict], block:
     axes[0].set_ylabel("block fill (HR only)")
     axes[0].set_title("(a) fraction of computed pairs the rule keeps")
     axes[0].legend()
-    labels = [f"{r['grid']}\n{r['granularity']}\n{r['backend']}" for r in layer_rows]
+    labels = [f"{r['grid']}\n{r['granularity']}\n{r['requested']}" for r in layer_rows]
     xs = range(len(labels))
     axes[1].bar(xs, [r["speedup"] for r in layer_rows], label="measured")
     axes[1].scatter(xs, [r["ideal"] for r in layer_rows], color="k", marker="_", s=300, label="ideal 1/density")
@@ -268,7 +271,10 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "flex", "gather"])
+    p.add_argument(
+        "--backends", nargs="+", default=["auto"], choices=ENGINE_BACKENDS,
+        help="'gather-sdpa': gather with the native CPU kernel turned off",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--skip-layer", action="store_true", help="skip (b) and (c)")

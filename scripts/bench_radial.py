@@ -30,6 +30,8 @@ from tqdm import tqdm
 import diffattn
 from diffattn.benchmark import (
     DTYPES,
+    ENGINE_BACKENDS,
+    engine_call,
     environment,
     interleaved_samples,
     measure_peak,
@@ -40,6 +42,7 @@ from diffattn.benchmark import (
 )
 from diffattn.masks.radial import radial_block_mask, radial_density
 from diffattn.ops import block_sparse_attention, flex_backend, resolve_backend
+from diffattn.ops.gather_attention import cpu_kernel
 
 DENSE_STEPS, TOTAL_STEPS = 12, 50  # the reference schedule: first 12 of 50 steps dense
 
@@ -66,9 +69,9 @@ def bench_layer(args, device: str, dtype: torch.dtype) -> list[dict]:
             dense = lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
             mem_dense = measure_peak(dense, device)
             bar.update(1)
-            fns, firsts = {"dense": dense}, {}
+            fns, firsts, runs = {"dense": dense}, {}, {}
             for requested in args.backends:
-                fn = lambda q=q, k=k, v=v, bm=bm, b=requested: block_sparse_attention(q, k, v, bm, backend=b)  # noqa: E731
+                runs[requested] = backend, fn, kernel = engine_call(q, k, v, bm, requested)
                 before = flex_backend.STATS.compiles
                 t_first = timeit(fn, device, repeats=1, warmup=0)  # includes compiling, if any
                 firsts[requested] = (t_first, flex_backend.STATS.compiles - before)
@@ -76,15 +79,16 @@ def bench_layer(args, device: str, dtype: torch.dtype) -> list[dict]:
             # dense and each backend in turn, round after round (see interleaved_samples)
             times = interleaved_samples(fns, args.repeats, device, warmup=0)
             for requested in args.backends:
-                fn, figures = fns[requested], rounds_figures(times["dense"], times[requested], density)
+                figures = rounds_figures(times["dense"], times[requested], density)
                 t_dense, t = figures["dense_s"], figures["sparse_s"]
-                backend = resolve_backend(q, k, v, bm, requested)
+                backend, fn, kernel = runs[requested]
                 t_first, compiles = firsts[requested]
                 row = {
                     "latent_frames": f,
                     "tokens": n,
                     "requested": requested,
                     "backend": backend,
+                    "cpu_kernel": kernel,
                     "auto_backend": resolve_backend(q, k, v, bm, "auto"),
                     "block_density": density,
                     "token_density": token_density,
@@ -98,7 +102,7 @@ def bench_layer(args, device: str, dtype: torch.dtype) -> list[dict]:
                 rows.append(row)
                 bar.update(1)
                 tqdm.write(
-                    f"(a) frames={f:3d} tokens={n:6d} backend={backend:6s} block_density={density:.3f} "
+                    f"(a) frames={f:3d} tokens={n:6d} backend={backend:6s} kernel={kernel} block_density={density:.3f} "
                     f"dense={t_dense:8.3f}s radial={t:8.3f}s speedup={row['speedup']:5.2f}x "
                     f"ideal={row['ideal']:5.2f}x efficiency={row['efficiency']:.2f} "
                     f"(median {row['efficiency_median']:.2f}) first_call={t_first:.1f}s"
@@ -176,6 +180,7 @@ def bench_step(args, device: str, dtype: torch.dtype, layer_rows: list[dict]) ->
     result = {
         "latent_frames": f,
         "tokens": n,
+        "cpu_kernel": cpu_kernel(x) if device == "cpu" else None,
         "dense_step_s": t_dense,
         "radial_step_s": t_radial,
         "sparse_step_speedup": sparse_speedup,
@@ -222,6 +227,7 @@ def bench_train(args, device: str, dtype: torch.dtype) -> dict:
         "latent_frames": f,
         "tokens": n,
         "backend": backend,
+        "cpu_kernel": cpu_kernel(q) if backend == "gather" and device == "cpu" else None,
         "block_density": bm.density(),
         "dense_s": t_dense,
         "radial_s": t_radial,
@@ -246,7 +252,7 @@ def plot(out: Path, layer_rows: list[dict], step: dict | None, train: dict | Non
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     labels, speedups, ideals = [], [], []
     for r in layer_rows:
-        labels.append(f"{r['latent_frames']}f\n{r['backend']}")
+        labels.append(f"{r['latent_frames']}f\n{r['requested']}")
         speedups.append(r["speedup"])
         ideals.append(r["ideal"])
     xs = range(len(labels))
@@ -287,7 +293,10 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--decay-factor", type=float, default=0.2)
     p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--backends", nargs="+", default=["flex", "gather"], choices=["auto", "flex", "gather"])
+    p.add_argument(
+        "--backends", nargs="+", default=["flex", "gather"], choices=ENGINE_BACKENDS,
+        help="'gather-sdpa': gather with the native CPU kernel turned off",
+    )
     p.add_argument("--step-frames", type=int, default=21, help="latent frames for (b)")
     p.add_argument("--skip-step", action="store_true", help="skip (b)")
     p.add_argument("--train-frames", type=int, default=41, help="latent frames for (c); 0 skips it")

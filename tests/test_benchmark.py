@@ -41,3 +41,25 @@ def test_rounds_figures_compare_best_rounds_and_keep_medians():
     assert fig["speedup"] == 5.0 and fig["efficiency"] == 1.25 and fig["ideal"] == 4.0
     assert fig["dense_median_s"] == 11.0 and fig["sparse_median_s"] == 4.0
     assert fig["efficiency_median"] == 11.0 / 4.0 * 0.25 and fig["rounds"] == 3
+
+
+def test_engine_call_times_either_cpu_kernel_and_says_which():
+    """``gather-sdpa`` runs gather with the native kernel off; both give the same attention (<= 1e-5) and
+    report their kernel; an unknown entry is refused by name."""
+    import pytest
+    import torch
+
+    from diffattn.ops import BlockMask, native_cpu, sdpa_reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 700, 32, generator=g) for _ in range(3))
+    bm = BlockMask(torch.rand(6, 6, generator=g) < 0.5, 700, 700, 128)
+    ref = sdpa_reference(q, k, v, bm)
+    backend, fn, kernel = benchmark.engine_call(q, k, v, bm, "gather-sdpa")
+    assert (backend, kernel) == ("gather", "sdpa")
+    assert (fn() - ref).abs().max() <= 1e-5
+    backend, fn, kernel = benchmark.engine_call(q, k, v, bm, "gather")
+    assert backend == "gather" and kernel == ("native" if native_cpu.available()[0] else "sdpa")
+    assert (fn() - ref).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="gather-sdpa"):
+        benchmark.engine_call(q, k, v, bm, "fast")

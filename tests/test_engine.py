@@ -9,8 +9,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffattn.ops import BlockMask, block_sparse_attention, resolve_backend, sdpa_reference
+from diffattn.ops import BlockMask, block_sparse_attention, native_cpu, resolve_backend, sdpa_reference
 from diffattn.ops.block_mask import text_dense_ranges
+
+
+@pytest.fixture(autouse=True, params=["native", "sdpa"])
+def cpu_kernel(request):
+    """Every test runs on both CPU kernels of the gather backend: the native C++ kernel (where it builds;
+    a machine without a compiler skips those) and torch's fused SDPA kernel over strided and gathered
+    blocks."""
+    if request.param == "native":
+        ok, why = native_cpu.available()
+        if not ok:
+            pytest.skip(f"native CPU kernel: {why}")
+        yield "native"
+    else:
+        with native_cpu.disabled():
+            yield "sdpa"
 
 
 def _dense_masked(q, k, v, mask):
@@ -324,7 +339,7 @@ def test_flex_all_cases(name, n, m, bs, make):
     assert (out - ref).abs().max() <= 1e-5
 
 
-def test_auto_backend_choice():
+def test_auto_backend_choice(cpu_kernel):
     bm = BlockMask(_band(4, 4, 1), 256, 256, 64)
     q, k, v = _qkv(1, 1, 256, 256, 8, grad=True)
     assert resolve_backend(q, k, v, bm) == "gather"  # CPU + grad: flex has no CPU backward
@@ -332,6 +347,13 @@ def test_auto_backend_choice():
         # a band: every row one contiguous run, read in place by gather
         assert resolve_backend(q, k, v, bm) == "gather"
         scattered = BlockMask(torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1]] * 2).bool(), 256, 256, 64)
+        if cpu_kernel == "native":  # the native kernel reads scattered runs in place too
+            assert resolve_backend(q, k, v, scattered) == "gather"
+            assert resolve_backend(q.half(), k.half(), v.half(), scattered) == "flex"  # fp32 only
+            # ... but not rows with token checks: a token rule on every row keeps flex
+            ruled = BlockMask(scattered.bitmap, 256, 256, 64, token_rule=lambda b, h, qi, ki: qi >= ki)
+            assert resolve_backend(q, k, v, ruled) == "flex"
+            return
         assert resolve_backend(q, k, v, scattered) == "flex"
         # rows of several runs: long runs are read in place too, short ones are not
         long_runs = _band(16, 16, 2) | _band(16, 16, 2).roll(8, dims=1)  # runs of 5 blocks, 2 per row
@@ -414,7 +436,7 @@ def test_flex_gpu_block_coarsening(bs, n, m):
     assert (out - ref).abs().max() <= 1e-5
 
 
-def test_plan_cache_keeps_small_plans_only(monkeypatch):
+def test_plan_cache_keeps_small_plans_only(monkeypatch, cpu_kernel):
     """Plans are cached on their mask; large token-level masks are rebuilt per call instead of kept."""
     import importlib
 
@@ -427,5 +449,19 @@ def test_plan_cache_keeps_small_plans_only(monkeypatch):
         for bm in (plain, ruled):
             out = block_sparse_attention(q, k, v, bm, backend="gather")
             assert (out - _dense_masked(q, k, v, bm.to_dense(1, 2))).abs().max() <= 1e-5
-    assert any(key[0] == "plan" for key in plain._cache)
-    assert not any(key[0] == "plan" for key in ruled._cache)
+    plan = "native" if cpu_kernel == "native" else "plan"  # the native kernel's plan has its own key
+    assert any(key[0] == plan for key in plain._cache)
+    assert not any(key[0] == plan for key in ruled._cache)
+
+
+def test_long_runs_and_many_runs_per_row(cpu_kernel):
+    """Runs longer than the native kernel's 512-key score tile and rows of many runs, with a padded
+    tail block: the online softmax across tiles and runs equals the reference (<= 1e-5)."""
+    g = torch.Generator().manual_seed(3)
+    bitmap = torch.rand(2, 12, 12, generator=g) < 0.45
+    bitmap[0, :, :6] = True  # runs of 6 blocks = 768 keys: two tiles
+    bitmap[1, 3] = False  # a row without keys
+    q, k, v = _qkv(1, 2, 1500, 1500, 32, grad=True)
+    bm = BlockMask(bitmap, 1500, 1500, 128)
+    _assert_matches_with_grads(q, k, v, bm, 1, 2)
+

@@ -1,5 +1,6 @@
 """Tensor ops: the block-sparse attention engine and the math methods share."""
 
+from . import native_cpu
 from .block_mask import BlockMask, text_dense_ranges
 from .block_sparse_attention import BACKENDS, block_sparse_attention, resolve_backend, sdpa_reference
 from .gather_attention import gather_attention
@@ -9,6 +10,7 @@ __all__ = [
     "BlockMask",
     "block_sparse_attention",
     "gather_attention",
+    "native_cpu",
     "resolve_backend",
     "sdpa_reference",
     "text_dense_ranges",

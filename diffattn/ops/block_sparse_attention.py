@@ -4,10 +4,12 @@ Backends:
 
 - ``flex``: FlexAttention compiled once per shape and mask signature; forward everywhere, backward on
   GPU only (torch has no flex backward on CPU).
-- ``gather``: plain torch; reads runs of kept key blocks in place (strided views) and gathers the
-  rest, then runs the fused SDPA kernel; forward and backward on every device, memory bounded by
-  chunking. The CPU training path: its backward recomputes each piece from the saved log-sum-exp, so
-  no gathered block is kept between the passes.
+- ``gather``: on CPU in fp32 the forward runs the native C++ kernel (``native_cpu``: every kept run of
+  key blocks read in place, one online softmax per query block) where it is built; otherwise, and for
+  rows needing token checks, plain torch reads runs of kept key blocks in place (strided views) and
+  gathers the rest, then runs the fused SDPA kernel; forward and backward on every device, memory
+  bounded by chunking. The CPU training path: its backward recomputes each piece from the saved
+  log-sum-exp, so no gathered block is kept between the passes.
 - ``sdpa``: dense ``scaled_dot_product_attention`` with the expanded token mask. The reference the
   others are tested against; its memory is ``q_len x kv_len``, so small shapes only.
 
@@ -15,11 +17,14 @@ Backends:
 
 - ``gather`` when gradients are needed on CPU (no flex backward there) or when the whole problem is a
   single block (compiling costs more than it saves);
-- on CPU without gradients, ``gather`` when at least half of the kept blocks are read in place (rows
-  made of one run of blocks, and runs of at least 4 blocks in other rows: bands, radial masks up to a
-  few dozen frames; ``gather`` then runs the fused SDPA kernel on long queries, measured faster than
-  compiled flex, whose CPU kernel reaches about 0.65 of dense SDPA's speed even on a full mask), else
-  ``flex`` (short scattered runs: gathering them costs more);
+- on CPU in fp32 with the native kernel built (``native_cpu``), ``gather`` when at least half of the
+  kept blocks are in rows it runs (rows without token checks): it reads every kept run in place at
+  0.94-1.08 of dense SDPA's speed per score (band masks, 8k-32k tokens), where compiled flex's CPU
+  kernel reaches about 0.65 (token-rule masks, whose rows all need checks, keep the rules below);
+- otherwise on CPU without gradients, ``gather`` when at least half of the kept blocks are read in place
+  (rows made of one run of blocks, and runs of at least 4 blocks in other rows: bands, radial masks up
+  to a few dozen frames; ``gather`` then runs the fused SDPA kernel on long queries, measured faster
+  than compiled flex), else ``flex`` (short scattered runs: gathering them costs more);
 - ``flex`` otherwise (GPU).
 """
 
@@ -32,7 +37,7 @@ import torch
 
 from . import flex_backend
 from .block_mask import BlockMask
-from .gather_attention import gather_attention, in_place_fraction
+from .gather_attention import cpu_kernel, gather_attention, in_place_fraction, native_fraction
 
 Backend = Literal["auto", "flex", "gather", "sdpa"]
 BACKENDS: tuple[str, ...] = ("auto", "flex", "gather", "sdpa")
@@ -66,8 +71,11 @@ def resolve_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: Block
         return "gather"
     if bm.q_blocks * bm.k_blocks <= 1:
         return "gather"
-    if q.device.type == "cpu" and in_place_fraction(bm) >= 0.5:
-        return "gather"
+    if q.device.type == "cpu":
+        if cpu_kernel(q) == "native" and native_fraction(bm) >= 0.5:
+            return "gather"
+        if in_place_fraction(bm) >= 0.5:
+            return "gather"
     ok, why = flex_backend.available()
     if not ok:
         raise RuntimeError(f"backend 'auto' needs FlexAttention here: {why}")

@@ -25,8 +25,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import native_cpu
 from .block_mask import BlockMask
-from .run_plan import RunBatch, in_place_runs, piece_blocks, plan_runs, strided_rows
+from .run_plan import RunBatch, in_place_runs, piece_blocks, plan_runs, strided_rows, token_runs
 
 # Bytes of gathered key/value blocks per chunk; bounds peak memory on long sequences without grad.
 _CHUNK_BYTES = 64 * 2**20
@@ -178,6 +179,42 @@ def _plan(
     return bm._cache[key]
 
 
+def _native_plan(
+    bm: BlockMask, batch: int, heads: int, kv_len: int, dim: int, itemsize: int
+) -> tuple[torch.Tensor, torch.Tensor, list[_Chunk]]:
+    """The native kernel's key runs (``token_runs``) for every row that needs no token check once the
+    tail block's padding is cut off, and the gathered chunks of the rows that do. Cached on the mask
+    like :func:`_plan`."""
+    key = ("native", batch, heads, kv_len, dim, itemsize)
+    if key not in bm._cache:
+        eff, full, counts, partial, partial_unpadded = _row_plan(bm, batch, heads)
+        row_ptr, runs = token_runs(eff, ~partial_unpadded, bm.q_blocks, bm.block_size, (-kv_len) % bm.block_size)
+        chunks = _gather_chunks(bm, eff, full, counts, partial, ~partial_unpadded, heads, dim, itemsize)
+        if sum(c.mask.numel() for c in chunks if c.mask is not None) > _CACHED_MASK_BYTES:
+            return row_ptr, runs, chunks
+        bm._cache[key] = (row_ptr, runs, chunks)
+    return bm._cache[key]
+
+
+def native_fraction(bm: BlockMask) -> float:
+    """Fraction of the kept blocks in rows the native CPU kernel runs (rows without token checks once
+    the tail block's padding is cut off); the others go through the gathered, masked path."""
+    if "native_fraction" not in bm._cache:
+        shape = torch.broadcast_shapes(bm.effective_bitmap().shape, bm.full_bitmap().shape)
+        _, _, counts, _, partial_unpadded = _row_plan(bm, shape[0], shape[1])
+        total = int(counts.sum())
+        bm._cache["native_fraction"] = float(counts[~partial_unpadded].sum()) / total if total else 0.0
+    return bm._cache["native_fraction"]
+
+
+def cpu_kernel(q: torch.Tensor) -> str:
+    """Which kernel the CPU path runs for ``q``: ``"native"`` (the C++ block-sparse kernel: fp32, built)
+    or ``"sdpa"`` (torch's fused kernel over strided and gathered blocks)."""
+    if q.device.type != "cpu":
+        raise ValueError(f"cpu_kernel is for CPU tensors, got one on {q.device}")
+    return "native" if q.dtype == torch.float32 and native_cpu.load_kernel() is not None else "sdpa"
+
+
 def _workspace(chunks: list[_Chunk], like: torch.Tensor) -> torch.Tensor | None:
     """One scratch buffer for every chunk's gathered blocks (no autograd through it).
 
@@ -221,53 +258,80 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, lse_o: torch.T
     lse.copy_(new)
 
 
+def _write_chunks(
+    qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, chunks: list[_Chunk], out: torch.Tensor, lse: torch.Tensor,
+    scale: float | None,
+) -> None:
+    """Write each chunk's rows of ``out`` and ``lse``: the fused kernel on their gathered blocks."""
+    workspace = _workspace(chunks, kf)  # the backward gathers again: the forward's blocks are scratch
+    for c in chunks:
+        kc, vc = _gather_kv(kf, vf, c, workspace)
+        o, lse_c = _flash_cpu(qf.index_select(0, c.rows)[:, None], kc, vc, 0.0, False,
+                              attn_mask=_additive(c.mask, qf.dtype), scale=scale)
+        if c.empty is not None:  # only rows with token checks, which have no other piece
+            o = o.masked_fill(c.empty, 0.0)
+        out[c.rows] = o[:, 0].to(out.dtype)
+        lse[c.rows] = lse_c[:, 0].float()
+
+
+def _sdpa_forward(
+    qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, bm: BlockMask, batch: int, heads: int, kv_len: int,
+    scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and log-sum-exp of every row through torch's fused kernel: in-place runs as strided views
+    (grouped rows merged by log-sum-exp), the other blocks gathered."""
+    dim = qf.shape[-1]
+    batches, chunks = _plan(bm, batch, heads, kv_len, dim, kf.element_size(), in_place=True, group=True, multi_run=True)
+    # merged pieces accumulate in fp32
+    acc = torch.float32 if any(not b.first for b in batches) else qf.dtype
+    out = torch.zeros(qf.shape, dtype=acc, device=qf.device)
+    lse = torch.full(qf.shape[:2], float("-inf"), dtype=torch.float32, device=qf.device)
+    # gathered blocks first: a row's gathered piece is written, its in-place pieces merged into it
+    _write_chunks(qf, kf, vf, chunks, out, lse, scale)
+    for b in batches:
+        o, lse_o = _flash_cpu(
+            strided_rows(qf, b.q_start, b.q_step, b.q_len, b.n),
+            strided_rows(kf, b.k_start, b.k_step, b.k_len, b.n, b.cut),
+            strided_rows(vf, b.k_start, b.k_step, b.k_len, b.n, b.cut),
+            0.0, False, scale=scale,
+        )
+        out_v = strided_rows(out, b.q_start, b.q_step, b.q_len, b.n)
+        lse_v = strided_rows(lse, b.q_start, b.q_step, b.q_len, b.n)
+        if b.first:
+            out_v.copy_(o)
+            lse_v.copy_(lse_o)
+        else:
+            _merge(out_v, lse_v, o, lse_o.float())
+    return out.to(qf.dtype), lse
+
+
 class _GatherAttentionCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bm: BlockMask, scale: float | None):  # noqa: ANN001, ANN205
         batch, heads, q_len, dim = q.shape
         bs = bm.block_size
         qf, kf, vf = _pad_rows(q, bs).contiguous(), _pad_rows(k, bs).contiguous(), _pad_rows(v, bs).contiguous()
-        batches, chunks = _plan(
-            bm, batch, heads, k.shape[2], dim, k.element_size(), in_place=True, group=True, multi_run=True
-        )
-        # merged pieces accumulate in fp32
-        acc = torch.float32 if any(not b.first for b in batches) else q.dtype
-        out = torch.zeros(qf.shape, dtype=acc, device=q.device)
-        lse = torch.full(qf.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-        # gathered blocks first: a row's gathered piece is written, its in-place pieces merged into it
-        workspace = _workspace(chunks, kf)  # the backward gathers again: the forward's blocks are scratch
-        for c in chunks:
-            kc, vc = _gather_kv(kf, vf, c, workspace)
-            o, lse_c = _flash_cpu(qf.index_select(0, c.rows)[:, None], kc, vc, 0.0, False,
-                                  attn_mask=_additive(c.mask, q.dtype), scale=scale)
-            if c.empty is not None:  # only rows with token checks, which have no other piece
-                o = o.masked_fill(c.empty, 0.0)
-            out[c.rows] = o[:, 0].to(acc)
-            lse[c.rows] = lse_c[:, 0].float()
-        for b in batches:
-            o, lse_o = _flash_cpu(
-                strided_rows(qf, b.q_start, b.q_step, b.q_len, b.n),
-                strided_rows(kf, b.k_start, b.k_step, b.k_len, b.n, b.cut),
-                strided_rows(vf, b.k_start, b.k_step, b.k_len, b.n, b.cut),
-                0.0, False, scale=scale,
-            )
-            out_v = strided_rows(out, b.q_start, b.q_step, b.q_len, b.n)
-            lse_v = strided_rows(lse, b.q_start, b.q_step, b.q_len, b.n)
-            if b.first:
-                out_v.copy_(o)
-                lse_v.copy_(lse_o)
-            else:
-                _merge(out_v, lse_v, o, lse_o.float())
-        out = out.to(q.dtype)
+        native = native_cpu.kernel_or_warn() if q.dtype == torch.float32 else None
+        if native is not None:
+            # rows without token checks: the native kernel reads every kept run in place; the others
+            # (written over its zeros) gather their blocks
+            row_ptr, runs, chunks = _native_plan(bm, batch, heads, k.shape[2], dim, k.element_size())
+            scale_f = dim**-0.5 if scale is None else float(scale)
+            out, lse = native.forward(qf, kf.view(-1, dim), vf.view(-1, dim), row_ptr, runs, scale_f)
+            _write_chunks(qf, kf, vf, chunks, out, lse, scale)
+        else:
+            out, lse = _sdpa_forward(qf, kf, vf, bm, batch, heads, k.shape[2], scale)
         ctx.save_for_backward(qf, kf, vf, out, lse)
-        ctx.plan = (batches, chunks, scale, q.shape, k.shape[2])
+        ctx.plan = (bm, scale, q.shape, k.shape[2])
         return out.view(batch, heads, -1, dim)[:, :, :q_len]
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         qf, kf, vf, out, lse = ctx.saved_tensors
-        batches, chunks, scale, q_shape, kv_len = ctx.plan
+        bm, scale, q_shape, kv_len = ctx.plan
         batch, heads, q_len, dim = q_shape
+        # the pieces' gradients need only each row's whole (out, lse), whichever kernel made them
+        batches, chunks = _plan(bm, batch, heads, kv_len, dim, kf.element_size(), in_place=True, group=True, multi_run=True)
         bs = kf.shape[1]
         gf = _pad_rows(grad_out.contiguous(), bs).to(qf.dtype).contiguous()
         # a row's pieces (and a key block's readers) add up their gradients: accumulate in fp32

@@ -232,3 +232,17 @@ def piece_blocks(start: int, step: int, length: int, n: int, device: torch.devic
     piece (duplicates where pieces overlap): a batch's query blocks or its key blocks."""
     starts = start + step * torch.arange(n, device=device)
     return (starts[:, None] + torch.arange(length, device=device)).reshape(-1)
+
+
+def token_runs(eff: torch.Tensor, rows: torch.Tensor, qb_n: int, block_size: int, tail_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native CPU kernel's plan: every maximal run of kept blocks in the ``rows`` (bool, per row) of
+    ``eff``, as ``[start, end)`` token ranges of the flat ``(batch * heads * k_blocks * block_size, dim)``
+    key storage (a run ending in the tail block stops ``tail_pad`` tokens early), and the CSR offsets
+    ``row_ptr`` (``len(eff) + 1``) of each row's runs; other rows get none."""
+    kb_n = eff.shape[-1]
+    row, a, b = _runs(eff & rows[:, None])
+    base = (row // qb_n) * kb_n  # first block of the row's (batch, head) keys
+    end = (base + b + 1) * block_size - torch.where(b == kb_n - 1, tail_pad, 0)
+    row_ptr = torch.zeros(eff.shape[0] + 1, dtype=torch.long, device=eff.device)
+    row_ptr[1:] = torch.bincount(row, minlength=eff.shape[0]).cumsum(0)
+    return row_ptr, torch.stack([(base + a) * block_size, end], 1).long().contiguous()
