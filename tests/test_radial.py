@@ -562,7 +562,7 @@ def test_length_extension_script_end_to_end(tmp_path, monkeypatch):
 
     mod = _length_extension_script()
     folder = TM.save(TM.build("digits-video", num_layers=1, heads=2), tmp_path / "model", "digits-video")
-    argv = ["length_extension.py", "--model", str(folder), "--samples", "2", "--train-steps", "1", "--clips", "2",
+    argv = ["length_extension.py", "--model", str(folder), "--samples", "2", "--trained-samples", "3", "--train-steps", "1", "--clips", "2",
             "--batch-size", "1", "--steps", "2", "--dense-timesteps", "1", "--factor", "2", "--out", str(tmp_path / "le")]
     monkeypatch.setattr(sys, "argv", argv)
     mod.main()
@@ -575,6 +575,12 @@ def test_length_extension_script_end_to_end(tmp_path, monkeypatch):
     assert result["rows"][-1]["frame_accuracy"] >= 0.9  # the real clips are read as their digit
     assert all(len(r["lora_fixed_set_loss"]) == 2 for r in result["rows"][4:6])
     assert (tmp_path / "le.png").is_file()
+    # the trained-length rows draw --trained-samples videos and their gap is paired video by video
+    assert [len(r["per_video"]) for r in result["rows"][:3]] == [3, 3, 2]
+    gap = result["radial_minus_dense_trained_length"]
+    per = [b - a for a, b in zip(result["rows"][0]["per_video"], result["rows"][1]["per_video"])]
+    assert gap["videos"] == 3 and gap["mean"] == pytest.approx(sum(per) / 3, abs=1e-3)
+    assert set(result["paired_differences_4x"]) == {"(b) - (a)", "(c) - (a)", "(c) - (b)", "(d) - (a)"}
     monkeypatch.setattr(sys, "argv", argv[:1] + ["--steps", "4", "--dense-timesteps", "5"])
     with pytest.raises(SystemExit):
         mod.main()

@@ -95,6 +95,10 @@ def test_video_phase_starts_from_the_image_phase(tmp_path):
     init = models.load_folder(tmp_path / "r" / "init", "digits-video").transformer.state_dict()
     assert all(torch.equal(published[k], pre[k]) for k in pre)
     assert any(not torch.equal(init[k], pre[k]) for k in pre)  # and the image phase did train
+    # no checkpoints were kept, yet a fresh call into the same run folder is refused: it would rebuild
+    # the untrained model under the finished image phase
+    with pytest.raises(ValueError, match=r"finished image phase\); pass --resume"):
+        commands.train("digits-video", out=tmp_path / "m", run_dir=tmp_path / "r", seed=1, **opts, **frozen)
     # no image phase: the video phase starts from the untrained model
     commands.train("digits-video", out=tmp_path / "m2", run_dir=tmp_path / "r2", pretrain=False,
                    model_options=TINY["digits-video"], **frozen)

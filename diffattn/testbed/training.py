@@ -207,10 +207,13 @@ def train_model(
         _check_settings(pre_settings, "pretrain")
     pre_run = run / PRETRAIN_DIR
 
-    if not resume and (checkpoints.list_checkpoints(run) or checkpoints.list_checkpoints(pre_run)):
+    # a finished image phase counts even without checkpoints (checkpoint_every=0): a fresh run rebuilds
+    # the untrained model, and reusing an image phase trained from another one would be silently stale
+    finished_pre = (pre_run / PIPELINE_DIR / "model_index.json").is_file()
+    if not resume and (checkpoints.list_checkpoints(run) or checkpoints.list_checkpoints(pre_run) or finished_pre):
         raise ValueError(
-            f"{run} already holds a training run (checkpoints); pass --resume to continue it, or another "
-            "--run-dir (nothing there is overwritten)"
+            f"{run} already holds a training run (checkpoints or a finished image phase); pass --resume to "
+            "continue it, or another --run-dir (nothing there is overwritten)"
         )
     init = run / "init"
     build_info = {"name": name, "seed": seed, "model_options": model_options}
