@@ -16,8 +16,9 @@ Quality: per-frame digit accuracy (the shipped classifier on the digit's box, lo
 temporal consistency (PSNR between consecutive frames) and motion jitter (mean |second difference| of
 the digit's position; 0 for constant velocity) on ``--samples`` videos at 4x length and
 ``--trained-samples`` at the trained length (class ``i % 10``, seed ``1000 + i``: every condition draws
-the same videos, so the radial-vs-dense gap is a paired difference, reported with its standard error); the same metrics on real clips of that length are the reference row. Cost: LoRA training
-wall time (c) vs (d) and generation time per video. Writes ``OUT.json`` and ``OUT.png``.
+the same videos, so differences between conditions are paired, reported with their standard errors);
+the same metrics on real clips of that length are the reference row. Cost: LoRA training wall time
+(c) vs (d) and generation time per video. Writes ``OUT.json`` and ``OUT.png``.
 
     python scripts/length_extension.py                          # the README table
     python scripts/length_extension.py --samples 4 --trained-samples 4 --train-steps 4 --clips 8 --steps 4 \
@@ -203,7 +204,7 @@ def main() -> None:
             row["seconds_per_video"] = round(gen_s, 2)
         rows.append({**row, **(extra or {})})
         strips[name] = np.concatenate(list(videos[0][::4]), axis=1)
-        print(rows[-1])
+        print({k: v for k, v in rows[-1].items() if k != "per_video"})
 
     clips = MovingDigitsDataset(num_clips=args.samples, split="heldout", seed=1, num_frames=args.long_frames, channels=3)
     real = [clips[i]["pixel_values"].permute(1, 2, 3, 0).numpy() for i in range(len(clips))]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -38,11 +39,15 @@ def _capability_flags() -> tuple[str, list[str]]:
 
 
 def _build() -> Any:
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
     cap, flags = _capability_flags()
+    name = f"diffattn_block_sparse_cpu_{cap.lower()}"
+    if not list(Path(_get_build_directory(name, verbose=False)).glob(f"{name}*.so")):
+        # a first build is silent for about 30 s: say what is happening
+        print(f"diffattn: building the native CPU attention kernel ({cap}, once per machine)", file=sys.stderr)
     return load(
-        name=f"diffattn_block_sparse_cpu_{cap.lower()}",
+        name=name,
         sources=[str(_SOURCE)],
         extra_cflags=["-O3", "-fopenmp", f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}", *flags],
         extra_ldflags=["-fopenmp"],
