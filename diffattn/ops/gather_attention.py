@@ -20,6 +20,7 @@ Work and memory scale with the number of kept blocks, never with ``q_len x kv_le
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -47,17 +48,32 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _kept_fraction(
+    bm: BlockMask, name: str, covered: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+) -> float:
+    """Fraction of the kept blocks that ``covered(eff, counts, partial_unpadded)`` (a ``(rows, k_blocks)``
+    bitmap over the mask's own batch/heads rows) marks; cached on the mask under ``name``."""
+    if name not in bm._cache:
+        shape = torch.broadcast_shapes(bm.effective_bitmap().shape, bm.full_bitmap().shape)
+        eff, _, counts, _, partial_unpadded = _row_plan(bm, shape[0], shape[1])
+        total = int(counts.sum())
+        bm._cache[name] = float(covered(eff, counts, partial_unpadded).sum()) / total if total else 0.0
+    return bm._cache[name]
+
+
 def in_place_fraction(bm: BlockMask) -> float:
     """Fraction of the kept blocks that the CPU path reads in place (runs, see ``run_plan``) rather
     than gathering."""
-    if "in_place_fraction" not in bm._cache:
-        shape = torch.broadcast_shapes(bm.effective_bitmap().shape, bm.full_bitmap().shape)
-        eff, _, counts, _, partial_unpadded = _row_plan(bm, shape[0], shape[1])
-        # runs stop their key view at kv_len: the tail block's padding needs no token check
-        covered = in_place_runs(eff, counts, partial_unpadded, multi_run=True)[3]
-        total = int(counts.sum())
-        bm._cache["in_place_fraction"] = float(covered.sum()) / total if total else 0.0
-    return bm._cache["in_place_fraction"]
+    # runs stop their key view at kv_len: the tail block's padding needs no token check
+    return _kept_fraction(
+        bm, "in_place_fraction", lambda eff, counts, pu: in_place_runs(eff, counts, pu, multi_run=True)[3]
+    )
+
+
+def native_fraction(bm: BlockMask) -> float:
+    """Fraction of the kept blocks in rows the native CPU kernel runs (rows without token checks once
+    the tail block's padding is cut off); the others go through the gathered, masked path."""
+    return _kept_fraction(bm, "native_fraction", lambda eff, counts, pu: eff & ~pu[:, None])
 
 
 class _Chunk(NamedTuple):
@@ -150,6 +166,17 @@ def _row_plan(bm: BlockMask, batch: int, heads: int) -> tuple[torch.Tensor, ...]
     return eff, full, counts, partial, partial_unpadded
 
 
+def _cached_plan(bm: BlockMask, key: tuple, build: Callable[[], tuple]) -> tuple:
+    """``build()`` (a plan whose last item is its gathered chunks), cached on the mask under ``key``
+    unless its token-level masks are larger than ``_CACHED_MASK_BYTES`` (those are rebuilt per call)."""
+    if key not in bm._cache:
+        plan = build()
+        if sum(c.mask.numel() for c in plan[-1] if c.mask is not None) > _CACHED_MASK_BYTES:
+            return plan
+        bm._cache[key] = plan
+    return bm._cache[key]
+
+
 def _plan(
     bm: BlockMask, batch: int, heads: int, kv_len: int, dim: int, itemsize: int, in_place: bool, group: bool,
     multi_run: bool = False,
@@ -160,8 +187,7 @@ def _plan(
     the CPU kernel path, which returns it, asks for this). Cached on the mask per call shape, unless
     its token-level masks are larger than ``_CACHED_MASK_BYTES``.
     """
-    key = ("plan", batch, heads, kv_len, dim, itemsize, in_place, group, multi_run)
-    if key not in bm._cache:
+    def build() -> tuple[list[RunBatch], list[_Chunk]]:
         eff, full, counts, partial, partial_unpadded = _row_plan(bm, batch, heads)
         batches: list[RunBatch] = []
         rest = eff  # blocks left to gather
@@ -171,12 +197,9 @@ def _plan(
             )
             rest = eff & ~covered
         counts_rest = rest.sum(-1)
-        chunks = _gather_chunks(bm, rest, full, counts_rest, partial, counts_rest == 0, heads, dim, itemsize)
-        mask_bytes = sum(c.mask.numel() for c in chunks if c.mask is not None)
-        if mask_bytes > _CACHED_MASK_BYTES:  # token masks this large are rebuilt per call, not kept
-            return batches, chunks
-        bm._cache[key] = (batches, chunks)
-    return bm._cache[key]
+        return batches, _gather_chunks(bm, rest, full, counts_rest, partial, counts_rest == 0, heads, dim, itemsize)
+
+    return _cached_plan(bm, ("plan", batch, heads, kv_len, dim, itemsize, in_place, group, multi_run), build)
 
 
 def _native_plan(
@@ -185,26 +208,12 @@ def _native_plan(
     """The native kernel's key runs (``token_runs``) for every row that needs no token check once the
     tail block's padding is cut off, and the gathered chunks of the rows that do. Cached on the mask
     like :func:`_plan`."""
-    key = ("native", batch, heads, kv_len, dim, itemsize)
-    if key not in bm._cache:
+    def build() -> tuple[torch.Tensor, torch.Tensor, list[_Chunk]]:
         eff, full, counts, partial, partial_unpadded = _row_plan(bm, batch, heads)
         row_ptr, runs = token_runs(eff, ~partial_unpadded, bm.q_blocks, bm.block_size, (-kv_len) % bm.block_size)
-        chunks = _gather_chunks(bm, eff, full, counts, partial, ~partial_unpadded, heads, dim, itemsize)
-        if sum(c.mask.numel() for c in chunks if c.mask is not None) > _CACHED_MASK_BYTES:
-            return row_ptr, runs, chunks
-        bm._cache[key] = (row_ptr, runs, chunks)
-    return bm._cache[key]
+        return row_ptr, runs, _gather_chunks(bm, eff, full, counts, partial, ~partial_unpadded, heads, dim, itemsize)
 
-
-def native_fraction(bm: BlockMask) -> float:
-    """Fraction of the kept blocks in rows the native CPU kernel runs (rows without token checks once
-    the tail block's padding is cut off); the others go through the gathered, masked path."""
-    if "native_fraction" not in bm._cache:
-        shape = torch.broadcast_shapes(bm.effective_bitmap().shape, bm.full_bitmap().shape)
-        _, _, counts, _, partial_unpadded = _row_plan(bm, shape[0], shape[1])
-        total = int(counts.sum())
-        bm._cache["native_fraction"] = float(counts[~partial_unpadded].sum()) / total if total else 0.0
-    return bm._cache["native_fraction"]
+    return _cached_plan(bm, ("native", batch, heads, kv_len, dim, itemsize), build)
 
 
 def cpu_kernel(q: torch.Tensor) -> str:

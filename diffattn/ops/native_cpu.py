@@ -55,10 +55,14 @@ def _build() -> Any:
     )
 
 
+def _turned_off() -> bool:
+    return bool(_disabled) or os.environ.get("DIFFATTN_NATIVE_CPU", "1") == "0"
+
+
 def load_kernel() -> Any:
     """The compiled module, building it on first call; ``None`` where it is off or cannot be built."""
     global _module, _error
-    if _disabled or os.environ.get("DIFFATTN_NATIVE_CPU", "1") == "0":
+    if _turned_off():
         return None
     if _module is None and _error is None:
         with _lock:
@@ -72,7 +76,7 @@ def load_kernel() -> Any:
 
 def available() -> tuple[bool, str]:
     """Whether the kernel runs here, and if not why."""
-    if _disabled or os.environ.get("DIFFATTN_NATIVE_CPU", "1") == "0":
+    if _turned_off():
         return False, "turned off (DIFFATTN_NATIVE_CPU=0 or native_cpu.disabled())"
     if load_kernel() is None:
         return False, f"the C++ extension could not be built ({_error})"

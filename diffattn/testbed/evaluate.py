@@ -194,7 +194,7 @@ def evaluate(
             if video:
                 # a moving digit: every frame's digit box is located and read (the classifier was trained
                 # on whole-frame digits); per-frame accuracy, averaged per video
-                per = [metrics.per_frame_accuracy(v, lab, clf, digit_size=MOVING_DIGIT)["accuracy"] for v, lab in zip(arr, labels)]
+                per = metrics.video_frame_accuracies(arr, labels, MOVING_DIGIT, clf)
                 hits = {c: [a for a, lab in zip(per, labels) if lab == c] for c in sorted(set(labels))}
                 res = {"accuracy": float(np.mean(per)), "per_class": {str(c): float(np.mean(h)) for c, h in hits.items()}}
             else:

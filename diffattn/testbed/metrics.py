@@ -182,6 +182,13 @@ def motion_jitter(video: Any, digit_size: int) -> float:
     return float((pos[2:] - 2 * pos[1:-1] + pos[:-2]).abs().sum(dim=1).mean())
 
 
+def video_frame_accuracies(videos: Sequence[Any], labels: Sequence[int], digit_size: int, classifier: Any) -> list[float]:
+    """Each moving-digit video's per-frame accuracy (every frame's digit box located and read)."""
+    if len(videos) != len(labels):
+        raise ValueError(f"{len(videos)} videos but {len(labels)} labels")
+    return [per_frame_accuracy(v, lab, classifier, digit_size=digit_size)["accuracy"] for v, lab in zip(videos, labels)]
+
+
 def moving_digit_metrics(
     videos: Sequence[Any], labels: Sequence[int], digit_size: int, classifier: Any = None
 ) -> dict[str, Any]:
@@ -190,10 +197,7 @@ def moving_digit_metrics(
     of digits-video's training) get ``None`` for PSNR, and clips under 3 frames for jitter."""
     from .classifier import load_classifier
 
-    model = classifier if classifier is not None else load_classifier()
-    if len(videos) != len(labels):
-        raise ValueError(f"{len(videos)} videos but {len(labels)} labels")
-    acc = [per_frame_accuracy(v, lab, model, digit_size=digit_size)["accuracy"] for v, lab in zip(videos, labels)]
+    acc = video_frame_accuracies(videos, labels, digit_size, classifier if classifier is not None else load_classifier())
     n_frames = min(len(v) for v in videos)  # frames come first in every accepted layout
     return {
         "frame_accuracy": float(np.mean(acc)),

@@ -132,15 +132,19 @@ def _last_row(log: Path) -> dict[str, str]:
     return rows[-1]
 
 
+def _has_finished(output: Path) -> bool:
+    """Whether a trainer run into ``output`` finished: it renames its pipeline into place as its last step."""
+    from diffattn.lora.trainer import PIPELINE_DIR
+
+    return (output / PIPELINE_DIR / "model_index.json").is_file()
+
+
 def _finished_phase(output: Path, settings: dict[str, Any]) -> bool:
     """Whether the phase in ``output`` finished in an earlier call (one that ran with other settings is
     an error); if not, its settings are recorded there before it trains."""
-    from diffattn.lora.trainer import PIPELINE_DIR
-
     saved_file = output / PHASE_FILE
     wanted = json.loads(json.dumps(settings))
-    # the trainer renames the finished pipeline into place as its last step
-    if (output / PIPELINE_DIR / "model_index.json").is_file():
+    if _has_finished(output):
         saved = json.loads(saved_file.read_text()) if saved_file.is_file() else None
         if saved is not None and saved != wanted:
             raise ValueError(
@@ -209,8 +213,9 @@ def train_model(
 
     # a finished image phase counts even without checkpoints (checkpoint_every=0): a fresh run rebuilds
     # the untrained model, and reusing an image phase trained from another one would be silently stale
-    finished_pre = (pre_run / PIPELINE_DIR / "model_index.json").is_file()
-    if not resume and (checkpoints.list_checkpoints(run) or checkpoints.list_checkpoints(pre_run) or finished_pre):
+    if not resume and (
+        checkpoints.list_checkpoints(run) or checkpoints.list_checkpoints(pre_run) or _has_finished(pre_run)
+    ):
         raise ValueError(
             f"{run} already holds a training run (checkpoints or a finished image phase); pass --resume to "
             "continue it, or another --run-dir (nothing there is overwritten)"
