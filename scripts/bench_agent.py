@@ -116,6 +116,28 @@ def unet_variants(unet: UNet2DConditionModel, tomesd: Any | None) -> dict[str, C
 DEVICE, DTYPE = torch.device("cpu"), torch.float32  # set by --device / --dtype
 
 
+def agent_layer_count(unet: UNet2DConditionModel) -> int:
+    """Self-attention layers at full latent resolution: the ones the default ``max_downsample = 1`` covers on
+    SD 1.5 (the patch sits on every ``attn1`` and passes the deeper ones to dense attention)."""
+    top = ("down_blocks.0.", f"up_blocks.{len(unet.up_blocks) - 1}.")
+    return sum(1 for name, _ in unet.named_modules() if name.endswith("attn1") and name.startswith(top))
+
+
+def schedule_bound(unet_dense: float, layer_dense: float, layers: int) -> dict[str, float]:
+    """The most the default schedule can speed the UNet up, from measured dense times.
+
+    The patched layers cost ``layers * layer_dense`` of the dense forward, and the rest of the UNet is
+    untouched. Phase 1 at best makes that attention free. Phase 2 is ToMe alone at ratio ``r``: attention
+    over ``(1 - r) N`` tokens costs at least ``(1 - r)^2`` of dense, even with merging free. The time per step
+    of a full run weights the phases by their share of the steps.
+    """
+    attention = layers * layer_dense
+    rest = unet_dense - attention
+    floor = W1 * rest + W2 * (rest + (1.0 - RATIO) ** 2 * attention)
+    return {"layers": layers, "attention_share": attention / unet_dense, "free_attention_bound": unet_dense / rest,
+            "schedule_bound": unet_dense / floor}
+
+
 def with_schedule(t: dict[str, float]) -> dict[str, float]:
     """Add the time per step of a full run of the default schedule."""
     return {**t, "agent (schedule)": W1 * t["agent phase 1"] + W2 * t["agent phase 2"]}
@@ -256,12 +278,24 @@ def main() -> None:
     def speedup(kind: str, size: int, name: str) -> float | None:
         return next((r["speedup"] for r in rows if (r["kind"], r["px"], r["variant"]) == (kind, size, name)), None)
 
+    def speedup_base(kind: str, size: int) -> float | None:
+        return next((r["seconds"] for r in rows if (r["kind"], r["px"], r["variant"]) == (kind, size, "dense")), None)
+
     checks = {}
     big = max(args.sizes)
     if speedup("layer", big, "agent (schedule)") is not None:
         checks[f"layer {big}px schedule >= 3x dense"] = speedup("layer", big, "agent (schedule)") >= 3.0
     if speedup("unet", big, "agent (schedule)") is not None:
         checks[f"unet {big}px schedule >= 1.8x dense"] = speedup("unet", big, "agent (schedule)") >= 1.8
+    bounds = {}
+    for size in args.sizes:
+        unet_dense, layer_dense = speedup_base("unet", size), speedup_base("layer", size)
+        if unet_dense is not None and layer_dense is not None:
+            bounds[str(size)] = schedule_bound(unet_dense, layer_dense, agent_layer_count(unet))
+            b = bounds[str(size)]
+            print(f"bound {size}px: the {b['layers']} patched layers are {b['attention_share']:.0%} of the dense UNet; "
+                  f"at most {b['free_attention_bound']:.2f}x with free attention, {b['schedule_bound']:.2f}x for the "
+                  f"default schedule (phase 2's ToMe keeps >= {(1 - RATIO) ** 2:.2f} of the attention)")
     ref = "tomesd" if tomesd is not None else "ours-ToMe"
     for kind in ("layer", "unet"):
         for size in args.sizes:
@@ -272,7 +306,7 @@ def main() -> None:
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
     write_json(f"{args.out}.json", {"environment": env, "tomesd": status, "ratio": RATIO,
                                     "schedule": [[u, vars(ph)] for u, ph in DEFAULT_SCHEDULE],
-                                    "rows": rows, "checks": checks})
+                                    "rows": rows, "bounds": bounds, "checks": checks})
     plot(rows, args.out)
     print(f"wrote {args.out}.json and {args.out}.png")
 

@@ -16,8 +16,12 @@ area 1/16), which does not depend on the machine.
 
 Sweeps: instance count ``N`` in 0, 1, 4, 8, 16, 30 with boxes of side 1/4 (1/16 of the image each, placed
 at seeded random positions); then box area at ``N = 8`` (side 1/8, 1/4, 1/2). The marginal cost per
-instance is the least-squares slope of step time over ``N``; ``roi / regional_mask`` of those slopes at
-the largest size is the figure the issue targets (<= 0.25 for boxes of <= 1/16 of the image at 1024 px).
+instance is the least-squares slope over ``N`` of the time a variant adds to the base timed beside it;
+``roi / regional_mask`` of those slopes at the largest size is the figure the issue targets (<= 0.25 for
+boxes of <= 1/16 of the image at 1024 px). The summary also splits the cost as ``fixed + N * per_instance``
+over ``N >= 1`` (``per_instance_seconds_from_one``, ``fixed_seconds``, ratios ``*_from_one``). The slope over
+all ``N`` counts part of a fixed cost as per-instance cost: the first instance's setup (windows, host
+copies) and the GLIGEN branch's full-map self-attention.
 Writes ``OUT.json`` and ``OUT.png``.
 
     python scripts/bench_roictrl.py                   # 512 and 1024 px: hours on a CPU, minutes on a GPU
@@ -70,6 +74,38 @@ def slope(xs: list[float], ys: list[float]) -> float:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     den = sum((x - mx) ** 2 for x in xs)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
+
+
+def summarize_counts(rows: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
+    """Per-instance cost of each variant from one size's count sweep.
+
+    Each point's ``base`` is timed in the same interleaved rounds as its variants, so every slope is taken
+    over the time a variant adds to that base. Slow drift of the machine between points then cancels. Two
+    fits: over every ``N`` (``marginal_seconds_per_instance``), and ``fixed + N * per_instance`` over
+    ``N >= 1`` (``per_instance_seconds_from_one``, ``fixed_seconds``).
+    """
+    def added(r: dict[str, Any], v: str) -> float:
+        return r["seconds"][v] - r["seconds"]["base"]
+
+    ns = [r["instances"] for r in rows]
+    per = {v: slope(ns, [added(r, v) for r in rows]) for v in variants}
+    entry: dict[str, Any] = {"base_seconds": statistics.fmean(r["seconds"]["base"] for r in rows),
+                             "marginal_seconds_per_instance": per}
+    some = [r for r in rows if r["instances"] >= 1]
+    if len(some) >= 2:
+        after = {v: slope([r["instances"] for r in some], [added(r, v) for r in some]) for v in variants}
+        entry["per_instance_seconds_from_one"] = after
+        entry["fixed_seconds"] = {v: statistics.fmean(added(r, v) - after[v] * r["instances"] for r in some)
+                                  for v in variants}
+    for v in ("roi", "roi_nogligen"):
+        for m in ("regional_mask", "regional_mask_naive"):
+            short = m.replace("regional_", "")
+            if v in per and per.get(m):
+                entry[f"{v}_over_{short}_marginal"] = per[v] / per[m]
+            after = entry.get("per_instance_seconds_from_one", {})
+            if v in after and after.get(m):
+                entry[f"{v}_over_{short}_from_one"] = after[v] / after[m]
+    return entry
 
 
 def bench_point(unet: UNet2DConditionModel, adapters: dict[str, ROICtrlAdapter], variants: list[str], latent: int,
@@ -239,18 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sec = bench_point(unet, adapters, variants, latent, args.area_instances, side, rounds, text_len)
             result["area_sweep"].append({"size": size, "instances": args.area_instances, "box_area": side * side,
                                          "seconds": sec})
-    summary = {}
-    for size in sizes:
-        rows = [r for r in result["count_sweep"] if r["size"] == size]
-        ns = [r["instances"] for r in rows]
-        per = {v: slope(ns, [r["seconds"][v] for r in rows]) for v in variants}
-        base = statistics.fmean(r["seconds"]["base"] for r in rows)
-        entry = {"base_seconds": base, "marginal_seconds_per_instance": per}
-        for v in ("roi", "roi_nogligen"):
-            for m in ("regional_mask", "regional_mask_naive"):
-                if v in per and per.get(m):
-                    entry[f"{v}_over_{m.replace('regional_', '')}_marginal"] = per[v] / per[m]
-        summary[str(size)] = entry
+    summary = {str(size): summarize_counts([r for r in result["count_sweep"] if r["size"] == size], variants)
+               for size in sizes}
     result["summary"] = summary
     for size in ([512, 1024] if not quick else sizes):
         macs = analytic_macs(unet, adapters.get("roi") or ROICtrlAdapter.from_unet(unet), size // 8, 1 / 16,
@@ -268,6 +294,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         per = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in e["marginal_seconds_per_instance"].items())
         ratio = ", ".join(f"{k} {v:.2f}" for k, v in e.items() if "_over_mask" in k)
         print(f"{size}px: base {e['base_seconds'] * 1000:.0f} ms; per instance: {per}; ratio to mask: {ratio}")
+        if "fixed_seconds" in e:
+            after = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in e["per_instance_seconds_from_one"].items())
+            fixed = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in e["fixed_seconds"].items())
+            print(f"{size}px from one instance on: per instance {after}; fixed {fixed}")
     print(f"wrote {out}.json and {out}.png")
     return result
 

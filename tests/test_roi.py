@@ -172,6 +172,31 @@ def test_instance_order_and_padding_invariance(sd):
     assert (outs[0] - outs[2]).abs().max() <= 1e-5
 
 
+def test_windows_are_built_once_per_level_and_reused(sd):
+    """The layers of one UNet level share one set of instance windows (kept on the batch-tiled instances),
+    a second call reuses them and gives the same output bit for bit, and instances with autograd history
+    are never cached."""
+    unet = sd.unet
+    x, enc = _unet_inputs(unet)
+    adapter = _small_adapter(unet)
+    _perturb(adapter, seed=4)
+    inst = _instances(unet, batch=1)
+    with torch.no_grad(), diffattn.apply(unet, "roi", adapter=adapter, instances=inst):
+        first = unet(x, 10, enc).sample
+        tiled = inst.cache[("batch", x.shape[0], x.device, enc.dtype)]
+        windows = [k for k in tiled.cache if k[0] == "windows"]
+        levels = {k[1:3] for k in windows}
+        assert len(windows) == len(levels) >= 2
+        second = unet(x, 10, enc).sample
+        assert inst.cache[("batch", x.shape[0], x.device, enc.dtype)] is tiled
+    assert torch.equal(first, second)
+    fresh = _instances(unet, batch=1)
+    fresh.embeds.requires_grad_(True)
+    with diffattn.apply(unet, "roi", adapter=adapter, instances=fresh):
+        third = unet(x, 10, enc).sample
+    assert not fresh.cache and (third - first).abs().max() <= 1e-5
+
+
 def test_stop_fraction_turns_adapter_off(sd):
     pipe = sd
     adapter = _small_adapter(pipe.unet)

@@ -8,6 +8,13 @@ import pytest
 import torch
 
 from diffattn.ops.roi_align import roi_align, roi_size_for_downsample
+from diffattn.ops.roi_separable import (
+    BoxWindows,
+    align_weights,
+    box_windows,
+    roi_align_windows,
+    roi_unpool_windows,
+)
 from diffattn.ops.roi_unpool import box_pixel_spans, roi_unpool, unpool_region, unpool_windows
 
 # ----- references: one box at a time, one sample at a time (torchvision's roi_align definition) ---------------
@@ -254,3 +261,97 @@ def test_roi_size_helper_and_bad_input():
         roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4), 2, sampling_ratio=0)
     with pytest.raises(ValueError, match="roi_features"):
         roi_unpool(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 4), (4, 4))
+
+
+# ----- the separable, windowed forms the ROICtrl adapter runs ----------------------------------------------------
+
+
+def _windowed(gen, b, n, h, w, edge=True):
+    boxes = _boxes(gen, b, n, edge=edge).flatten(0, 1).double()
+    boxes[1] = torch.tensor([0.51, 0.2, 0.512, 0.9])  # thinner than a pixel: no column centre inside
+    batch_of = torch.arange(b).repeat_interleave(n)
+    return boxes, batch_of, *box_windows(boxes, batch_of, (h, w))
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("p,s", [(3, 2), (5, 1), (4, 3)])
+def test_roi_align_windows_equals_roi_align(aligned, p, s):
+    """Separable ROI-Align on windows == ``roi_align`` (<= 1e-12 in fp64), values and the gradients of the
+    features and of the boxes, with boxes at the map borders, one thinner than a pixel and windows pushed
+    back inside the map."""
+    gen = torch.Generator().manual_seed(11)
+    b, n, c, h, w = 2, 4, 3, 13, 11
+    boxes, batch_of, *_ = _windowed(gen, b, n, h, w)
+    feat = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
+    bx = boxes.clone().requires_grad_(True)
+    ref = roi_align(feat, bx.view(b, n, 4), p, sampling_ratio=s, aligned=aligned).flatten(0, 1)
+    tokens = feat.permute(0, 2, 3, 1).reshape(-1, c)
+    windows = BoxWindows.build(bx, boxes, batch_of, (h, w), p, torch.float64, sampling_ratio=s, aligned=aligned)
+    got = roi_align_windows(tokens, windows)
+    assert (got.permute(0, 3, 1, 2) - ref).abs().max() <= 1e-12
+    weight = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    g_ref = torch.autograd.grad((ref * weight).sum(), (feat, bx))
+    g_got = torch.autograd.grad((got.permute(0, 3, 1, 2) * weight).sum(), (feat, bx))
+    for a, e in zip(g_got, g_ref):
+        assert (a - e).abs().max() <= 1e-10
+
+
+def test_roi_unpool_windows_equals_unpool_windows():
+    """Separable ROI-Unpool == the ``grid_sample`` form (<= 1e-12 in fp64): values, the inside mask and
+    the gradients of the ROI features and of the boxes."""
+    gen = torch.Generator().manual_seed(12)
+    b, n, c, h, w, p = 2, 4, 3, 13, 11, 4
+    boxes, batch_of, _, origins, window = _windowed(gen, b, n, h, w)
+    bx = boxes.clone().requires_grad_(True)
+    roi = torch.randn(b * n, c, p, p, generator=gen, dtype=torch.float64, requires_grad=True)
+    ref, ref_in = unpool_windows(roi, bx, (h, w), origins, window)
+    windows = BoxWindows.build(bx, boxes, batch_of, (h, w), p, torch.float64)
+    assert torch.equal(windows.origins, origins) and windows.window == window
+    got = roi_unpool_windows(roi.permute(0, 2, 3, 1), windows)
+    assert torch.equal(windows.inside, ref_in[:, 0])
+    # a slice of the windows unpools its own boxes
+    assert torch.equal(roi_unpool_windows(roi[2:5].permute(0, 2, 3, 1), windows.select(slice(2, 5))), got[2:5])
+    assert (got.permute(0, 3, 1, 2) - ref).abs().max() <= 1e-12
+    weight = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    g_ref = torch.autograd.grad((ref * weight).sum(), (roi, bx))
+    g_got = torch.autograd.grad((got.permute(0, 3, 1, 2) * weight).sum(), (roi, bx))
+    for a, e in zip(g_got, g_ref):
+        assert (a - e).abs().max() <= 1e-10
+
+
+def test_box_windows_hold_each_box_and_its_samples():
+    """Every window lies inside the map, holds every pixel centre of its box and every pixel its
+    ROI-Align samples touch (non-zero weight), and indexes its own batch item."""
+    gen = torch.Generator().manual_seed(13)
+    b, n, h, w, p = 2, 5, 13, 11, 4
+    boxes, batch_of, pixels, origins, (wh, ww) = _windowed(gen, b, n, h, w)
+    assert pixels.shape == (b * n, wh, ww)
+    assert (origins >= 0).all() and (origins[:, 0] + wh <= h).all() and (origins[:, 1] + ww <= w).all()
+    assert torch.equal(pixels // (h * w), batch_of[:, None, None].expand_as(pixels))
+    full, inside = unpool_region(torch.ones(b * n, 1, p, p, dtype=torch.float64), boxes, (h, w))
+    for m, (r, c) in enumerate(origins.tolist()):
+        assert inside[m, 0].sum() == inside[m, 0, r : r + wh, c : c + ww].sum()
+        # ROI-Align's weights of the whole map, read through a window the size of the map
+        a_y = align_weights(boxes[m : m + 1, 1], boxes[m : m + 1, 3], h, p, torch.zeros(1), h)[0]
+        a_x = align_weights(boxes[m : m + 1, 0], boxes[m : m + 1, 2], w, p, torch.zeros(1), w)[0]
+        rows, cols = a_y.abs().sum(0).nonzero().flatten(), a_x.abs().sum(0).nonzero().flatten()
+        assert r <= rows.min() and rows.max() < r + wh and c <= cols.min() and cols.max() < c + ww
+
+
+def test_roi_windows_in_half_precision_stay_close_to_fp32():
+    """fp16 / bf16 features with fp32 boxes: coordinates stay in fp32, so the result is the fp32 one to
+    the dtype's rounding (<= 1e-2 fp16, <= 5e-2 bf16 of unit-scale features)."""
+    gen = torch.Generator().manual_seed(14)
+    b, n, c, h, w, p = 1, 3, 4, 64, 64, 7
+    boxes, batch_of, *_ = _windowed(gen, b, n, h, w)
+    boxes = boxes.float()
+    tokens = torch.randn(b * h * w, c, generator=gen)
+    windows = BoxWindows.build(boxes, boxes, batch_of, (h, w), p, torch.float32)
+    ref = roi_align_windows(tokens, windows)
+    ref_u = roi_unpool_windows(ref, windows)
+    for dt, tol in ((torch.float16, 1e-2), (torch.bfloat16, 5e-2)):
+        half = BoxWindows.build(boxes, boxes, batch_of, (h, w), p, dt)
+        got = roi_align_windows(tokens.to(dt), half)
+        got_u = roi_unpool_windows(got, half)
+        assert got.dtype == dt and got_u.dtype == dt and (got.float() - ref).abs().max() <= tol
+        assert (got_u.float() - ref_u).abs().max() <= tol

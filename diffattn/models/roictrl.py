@@ -43,8 +43,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..ops.host_copy import to_device_async
-from ..ops.roi_align import roi_align
-from ..ops.roi_unpool import box_pixel_spans, unpool_windows
+from ..ops.roi_separable import BoxWindows, roi_align_windows, roi_unpool_windows
 
 __all__ = ["MAX_INSTANCES", "ROIBlockAdapter", "ROICtrlAdapter", "fourier_box_embedding", "layer_key"]
 
@@ -142,6 +141,7 @@ class ROIBlockAdapter(nn.Module):
         cross_attention: CrossAttention,
         host_boxes: torch.Tensor | None = None,
         host_mask: torch.Tensor | None = None,
+        cache: dict | None = None,
     ) -> torch.Tensor:
         """The block's cross-attention output with the instances fused in.
 
@@ -153,6 +153,8 @@ class ROIBlockAdapter(nn.Module):
             hw: the token grid ``(H, W)``; roi_size: ``P``.
             cross_attention: ``(tokens (M, T, D), context (M, L, Dc)) -> (M, T, D)``, the block's own ``attn2``.
             host_boxes, host_mask: CPU copies of ``boxes`` and ``mask`` (made here when not given).
+            cache: a dict kept for one set of instances (the caller's). The valid instances' windows and
+                weights per map size are stored there, so the layers of one UNet level build them once.
         """
         b, length, d = hidden_states.shape
         h, w = hw
@@ -163,30 +165,43 @@ class ROIBlockAdapter(nn.Module):
         # per instance and layer would stall a GPU's queue once each (the caller passes host copies)
         if host_boxes is None or host_mask is None:
             host_boxes, host_mask = boxes.detach().cpu(), mask.cpu()
-        valid_host = host_mask.reshape(-1).nonzero().flatten()
-        if n == 0 or valid_host.numel() == 0:
-            return global_out
-        valid = to_device_async(valid_host, boxes.device)
-        # --- ROI branch on valid instances only
-        fmap = hidden_states.transpose(1, 2).reshape(b, d, h, w)
-        roi = roi_align(fmap, boxes, p)  # (B, N, D, P, P)
-        tokens = roi.flatten(0, 1)[valid].flatten(2).transpose(1, 2)  # (M, P*P, D)
-        context = embeds.flatten(0, 1)[valid]
-        r = cross_attention(tokens, context)
+        key = ("windows", h, w, p, dt, boxes.device)
+        if cache is not None and key in cache:
+            windows, context = cache[key]
+        else:
+            valid_host = host_mask.reshape(-1).nonzero().flatten()
+            if n == 0 or valid_host.numel() == 0:
+                return global_out
+            valid = to_device_async(valid_host, boxes.device)
+            # one window per instance serves ROI-Align (every pixel its samples touch) and the fusion (every
+            # pixel centre in the box)
+            windows = BoxWindows.build(boxes.flatten(0, 1)[valid], host_boxes.reshape(-1, 4)[valid_host],
+                                       valid_host // n, hw, p, dt)
+            context = embeds.flatten(0, 1)[valid]
+            if cache is not None:
+                cache[key] = windows, context
+        m = len(windows)
+        # --- ROI branch on valid instances only, channels last throughout
+        tokens = roi_align_windows(hidden_states.reshape(-1, d), windows)
+        r = cross_attention(tokens.view(m, p * p, d), context)
         r = r + torch.tanh(self.roi_alpha).to(dt) * self.roi_attn(self.roi_norm(r))
         inst_gate = self.instance_gate(r.mean(1))[:, 0]  # (M,)
-        maps = r.transpose(1, 2).reshape(-1, d, p, p)  # (M, D, P, P)
-        fused = self._fuse(
-            global_out.view(b, h, w, d), maps, inst_gate, boxes.flatten(0, 1)[valid],
-            host_boxes.reshape(-1, 4)[valid_host], valid_host // n,
-        )
+        fused = self._fuse(global_out.view(b, h, w, d), r.view(m, p, p, d), inst_gate, windows)
         out = global_out + torch.tanh(self.fuse_gate).to(dt) * (fused.reshape(b, length, d) - global_out)
 
         if self.gligen:
-            pooled = embeds.mean(2)  # (B, N, Dc)
-            ground = self.box_mlp(torch.cat([fourier_box_embedding(boxes.to(dt), self.fourier_freqs), pooled.to(dt)], -1))
-            seq = torch.cat([hidden_states, ground], 1)
-            keep = torch.cat([mask.new_ones(b, length), mask], 1)
+            key = ("grounding", length, self.fourier_freqs, dt)
+            if cache is not None and key in cache:
+                box_text, keep = cache[key]
+            else:
+                pooled = embeds.mean(2)  # (B, N, Dc)
+                box_text = torch.cat([fourier_box_embedding(boxes.to(dt), self.fourier_freqs), pooled.to(dt)], -1)
+                # no padded slot (the host copy says so without a sync): no mask, so SDPA may take a fused
+                # kernel; a boolean mask over 16k + N keys sends it to a slower one
+                keep = None if bool(host_mask.all()) else torch.cat([mask.new_ones(b, length), mask], 1)
+                if cache is not None:
+                    cache[key] = box_text, keep
+            seq = torch.cat([hidden_states, self.box_mlp(box_text)], 1)
             gsa = self.gsa(self.gsa_norm(seq), key_padding=keep)[:, :length]
             out = out + torch.tanh(self.gsa_gate).to(dt) * gsa
             out = out + torch.tanh(self.ff_gate).to(dt) * self.ff(self.ff_norm(out))
@@ -196,55 +211,28 @@ class ROIBlockAdapter(nn.Module):
     # 4M, whichever is larger, so many small boxes go through in one group and large ones in a few
     FUSE_GROUP_ELEMENTS: int | None = None
 
-    def _fuse(
-        self,
-        g: torch.Tensor,
-        maps: torch.Tensor,
-        gates: torch.Tensor,
-        boxes: torch.Tensor,
-        host_boxes: torch.Tensor,
-        batch_of: torch.Tensor,
-    ) -> torch.Tensor:
+    def _fuse(self, g: torch.Tensor, maps: torch.Tensor, gates: torch.Tensor, windows: BoxWindows) -> torch.Tensor:
         """Per-pixel softmax over the global slot and the instances covering the pixel.
 
-        ``g`` ``(B, H, W, D)`` global output; ``maps`` ``(M, D, P, P)`` instance ROI maps with instance gates
-        ``gates`` ``(M,)``, boxes ``boxes`` ``(M, 4)`` (host copy ``host_boxes``) and batch item
-        ``batch_of`` ``(M,)`` (host). Returns the fused ``(B, H, W, D)``.
+        ``g`` ``(B, H, W, D)`` global output; ``maps`` ``(M, P, P, D)`` instance ROI maps with instance gates
+        ``gates`` ``(M,)``, and the instances' ``windows``. Returns the fused ``(B, H, W, D)``.
 
-        Every instance is unpooled onto a window of one size around its box (the largest box's pixel
-        span), all instances in one call. The slot logit is linear in the features and bilinear
-        unpooling is linear too, so the logits are the unpooled 1-channel logit maps: a first cheap pass
-        gets every pixel's maximum logit (a scatter-max; treated as a constant, which the softmax is
-        invariant to). A second pass, in groups bounded by :attr:`FUSE_GROUP_ELEMENTS`, scatter-adds
-        each window's ``exp(logit - max)`` and its weighted features into the per-pixel sum and
-        accumulator. Pixels outside every box keep exactly ``g``.
+        Every instance is unpooled onto its window only. The slot logit is linear in the features, and
+        bilinear unpooling is linear too, so the logits are the unpooled 1-channel logit maps. A first cheap
+        pass gets every pixel's maximum logit (a scatter-max; treated as a constant, which the softmax is
+        invariant to). A second pass, in groups bounded by :attr:`FUSE_GROUP_ELEMENTS`, scatter-adds each
+        window's ``exp(logit - max)`` and its weighted features into the per-pixel sum and accumulator.
+        Pixels outside every box keep exactly ``g``.
         """
         b, h, w, d = g.shape
-        dt, dev = g.dtype, g.device
-        # host side: window origin per instance, one window size for all
-        r_lo, r_hi = box_pixel_spans(host_boxes, h, axis=1)
-        c_lo, c_hi = box_pixel_spans(host_boxes, w, axis=0)
-        covers = (r_hi > r_lo) & (c_hi > c_lo)
-        if not bool(covers.any()):
-            return g
-        keep = covers.nonzero().flatten()
-        wh, ww = int((r_hi - r_lo)[keep].max()), int((c_hi - c_lo)[keep].max())
-        r0, c0 = torch.minimum(r_lo[keep], torch.tensor(h - wh)), torch.minimum(c_lo[keep], torch.tensor(w - ww))
-        rows = r0[:, None] + torch.arange(wh)
-        cols = c0[:, None] + torch.arange(ww)
-        pix = (batch_of[keep][:, None, None] * h + rows[:, :, None]) * w + cols[:, None, :]  # (K, wh, ww)
-        keep_d = to_device_async(keep, dev)
-        pix = to_device_async(pix.flatten(), dev)
-        origins = to_device_async(torch.stack([r0, c0], 1), dev)
-        maps, gates, boxes = maps[keep_d], gates[keep_d], boxes[keep_d]
-
+        dt = g.dtype
+        m, (wh, ww) = len(windows), windows.window
         flat_g = g.reshape(-1, d)
         logit_g = self._slot_logit(flat_g) + self.global_gate.to(dt)  # (B*H*W,)
-        weight = self.fuse_conv.weight.view(1, -1).to(dt)
-        logit_maps = F.linear(maps.transpose(1, 3), weight).transpose(1, 3)  # (K, 1, P, P): bias added below
-        lv, inside = unpool_windows(logit_maps, boxes, (h, w), origins, (wh, ww))
-        logit = lv[:, 0] + (self.fuse_conv.bias.to(dt) + gates)[:, None, None]
-        logit = logit.masked_fill(~inside[:, 0], float("-inf")).flatten()  # (K*wh*ww,)
+        logit_maps = F.linear(maps, self.fuse_conv.weight.view(1, -1).to(dt))  # (M, P, P, 1): bias added below
+        logit = roi_unpool_windows(logit_maps, windows)[..., 0] + (self.fuse_conv.bias.to(dt) + gates)[:, None, None]
+        logit = logit.masked_fill(~windows.inside, float("-inf")).flatten()  # (M*h*w,)
+        pix = windows.pixels.flatten()
         top = logit_g.detach().scatter_reduce(0, pix, logit.detach(), "amax", include_self=True)
         e_g = torch.exp(logit_g - top)
         total = e_g
@@ -252,13 +240,13 @@ class ROIBlockAdapter(nn.Module):
         per = wh * ww
         budget = self.FUSE_GROUP_ELEMENTS or max(1 << 22, g.numel())
         group = max(1, budget // (per * d))
-        for s in range(0, keep.numel(), group):
+        for s in range(0, m, group):
             sl = slice(s, s + group)
-            u, _ = unpool_windows(maps[sl], boxes[sl], (h, w), origins[sl], (wh, ww))  # (k, D, wh, ww)
+            u = roi_unpool_windows(maps[sl], windows.select(sl))  # (k, h, w, D)
             idx = pix[s * per : (s + group) * per]
             e = torch.exp(logit[s * per : (s + group) * per] - top[idx])
             total = total.index_add(0, idx, e)
-            acc = acc.index_add(0, idx, e[:, None] * u.permute(0, 2, 3, 1).reshape(-1, d))
+            acc = acc.index_add(0, idx, e[:, None] * u.reshape(-1, d))
         return (acc / total[:, None]).view(b, h, w, d)
 
 

@@ -85,6 +85,9 @@ class RegionInstances:
         host_boxes, host_mask: CPU copies of ``boxes`` and ``mask``, made once here (one device sync when
             the boxes live on a GPU) so that the processors decide which instances to run without reading
             device tensors in every layer.
+
+    Treat an instance as immutable once built: its batch-tiled copies and the windows derived from its boxes
+    are kept on it (``cache``) and reused by every layer and denoising step that sees it.
     """
 
     boxes: torch.Tensor
@@ -92,6 +95,7 @@ class RegionInstances:
     mask: torch.Tensor | None = None
     host_boxes: torch.Tensor | None = field(default=None, repr=False, compare=False)
     host_mask: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_boxes(self.boxes)
@@ -119,13 +123,21 @@ class RegionInstances:
         if batch % b:
             raise ValueError(f"the UNet batch {batch} is not a multiple of the instances' batch {b}")
         rep = batch // b
-        return RegionInstances(
+        key = ("batch", batch, torch.device(device), dtype)
+        if key in self.cache:
+            return self.cache[key]
+        tiled = RegionInstances(
             self.boxes.to(device).repeat(rep, 1, 1),
             self.embeds.to(device=device, dtype=dtype).repeat(rep, 1, 1, 1),
             self.mask.to(device).repeat(rep, 1),
             host_boxes=self.host_boxes.repeat(rep, 1, 1),
             host_mask=self.host_mask.repeat(rep, 1),
         )
+        # kept only without autograd history: a graph shared by two forward passes would be freed by the first
+        # backward
+        if not (tiled.boxes.requires_grad or tiled.embeds.requires_grad):
+            self.cache[key] = tiled
+        return tiled
 
 
 @dataclass
@@ -314,8 +326,10 @@ class ROICtrlAttnProcessor(_RegionalProcessor):
         def cross(tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
             return self._stock(attn, tokens, encoder_hidden_states=context)
 
+        cache = None if (inst.boxes.requires_grad or inst.embeds.requires_grad) else inst.cache
         return self.block(hidden_states, base, inst.boxes, inst.embeds, inst.mask, (h, w),
-                          self.adapter.roi_size(level), cross, host_boxes=inst.host_boxes, host_mask=inst.host_mask)
+                          self.adapter.roi_size(level), cross, host_boxes=inst.host_boxes, host_mask=inst.host_mask,
+                          cache=cache)
 
 
 class RegionMaskAttnProcessor(_RegionalProcessor):
