@@ -266,6 +266,16 @@ def test_roi_size_helper_and_bad_input():
 # ----- the separable, windowed forms the ROICtrl adapter runs ----------------------------------------------------
 
 
+def _assert_same_values_and_grads(got, ref, leaves, gen):
+    """fp64: values within 1e-12, and the gradients of a random weighting within 1e-10, for every leaf."""
+    assert (got - ref).abs().max() <= 1e-12
+    weight = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    g_ref = torch.autograd.grad((ref * weight).sum(), leaves)
+    g_got = torch.autograd.grad((got * weight).sum(), leaves)
+    for a, e in zip(g_got, g_ref):
+        assert (a - e).abs().max() <= 1e-10
+
+
 def _windowed(gen, b, n, h, w, edge=True):
     boxes = _boxes(gen, b, n, edge=edge).flatten(0, 1).double()
     boxes[1] = torch.tensor([0.51, 0.2, 0.512, 0.9])  # thinner than a pixel: no column centre inside
@@ -288,12 +298,7 @@ def test_roi_align_windows_equals_roi_align(aligned, p, s):
     tokens = feat.permute(0, 2, 3, 1).reshape(-1, c)
     windows = BoxWindows.build(bx, boxes, batch_of, (h, w), p, torch.float64, sampling_ratio=s, aligned=aligned)
     got = roi_align_windows(tokens, windows)
-    assert (got.permute(0, 3, 1, 2) - ref).abs().max() <= 1e-12
-    weight = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
-    g_ref = torch.autograd.grad((ref * weight).sum(), (feat, bx))
-    g_got = torch.autograd.grad((got.permute(0, 3, 1, 2) * weight).sum(), (feat, bx))
-    for a, e in zip(g_got, g_ref):
-        assert (a - e).abs().max() <= 1e-10
+    _assert_same_values_and_grads(got.permute(0, 3, 1, 2), ref, (feat, bx), gen)
 
 
 def test_roi_unpool_windows_equals_unpool_windows():
@@ -311,12 +316,7 @@ def test_roi_unpool_windows_equals_unpool_windows():
     assert torch.equal(windows.inside, ref_in[:, 0])
     # a slice of the windows unpools its own boxes
     assert torch.equal(roi_unpool_windows(roi[2:5].permute(0, 2, 3, 1), windows.select(slice(2, 5))), got[2:5])
-    assert (got.permute(0, 3, 1, 2) - ref).abs().max() <= 1e-12
-    weight = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
-    g_ref = torch.autograd.grad((ref * weight).sum(), (roi, bx))
-    g_got = torch.autograd.grad((got.permute(0, 3, 1, 2) * weight).sum(), (roi, bx))
-    for a, e in zip(g_got, g_ref):
-        assert (a - e).abs().max() <= 1e-10
+    _assert_same_values_and_grads(got.permute(0, 3, 1, 2), ref, (roi, bx), gen)
 
 
 def test_box_windows_hold_each_box_and_its_samples():

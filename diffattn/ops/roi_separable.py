@@ -190,8 +190,8 @@ def roi_align_windows(tokens: torch.Tensor, windows: BoxWindows) -> torch.Tensor
     m, wh, ww = windows.pixels.shape
     p, c = windows.align_y.shape[1], tokens.shape[1]
     crop = tokens[windows.pixels.flatten()].view(m, wh, ww * c)
-    rows = torch.matmul(windows.align_y, crop).view(m, p, ww, c)  # (M, P, w, C)
-    return torch.matmul(windows.align_x[:, None], rows)  # (M, P, P, C)
+    rows = torch.matmul(windows.align_y.to(crop.dtype), crop).view(m, p, ww, c)  # (M, P, w, C)
+    return torch.matmul(windows.align_x.to(crop.dtype)[:, None], rows)  # (M, P, P, C)
 
 
 def roi_unpool_windows(maps: torch.Tensor, windows: BoxWindows) -> torch.Tensor:
@@ -203,6 +203,6 @@ def roi_unpool_windows(maps: torch.Tensor, windows: BoxWindows) -> torch.Tensor:
     """
     m, p, _, c = maps.shape
     wh, ww = windows.window
-    cols = torch.matmul(windows.unpool_y, maps.reshape(m, p, p * c)).view(m, wh, p, c)  # (M, h, P, C)
-    vals = torch.matmul(windows.unpool_x[:, None], cols)  # (M, h, w, C)
+    cols = torch.matmul(windows.unpool_y.to(maps.dtype), maps.reshape(m, p, p * c)).view(m, wh, p, c)  # (M, h, P, C)
+    vals = torch.matmul(windows.unpool_x.to(maps.dtype)[:, None], cols)  # (M, h, w, C)
     return torch.where(windows.inside[..., None], vals, vals.new_zeros(()))
