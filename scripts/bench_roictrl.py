@@ -15,13 +15,15 @@ Besides the timings the JSON holds an analytic count of the multiply-adds one mo
 area 1/16), which does not depend on the machine.
 
 Sweeps: instance count ``N`` in 0, 1, 4, 8, 16, 30 with boxes of side 1/4 (1/16 of the image each, placed
-at seeded random positions); then box area at ``N = 8`` (side 1/8, 1/4, 1/2). The marginal cost per
-instance is the least-squares slope over ``N`` of the time a variant adds to the base timed beside it;
-``roi / regional_mask`` of those slopes at the largest size is the figure the issue targets (<= 0.25 for
-boxes of <= 1/16 of the image at 1024 px). The summary also splits the cost as ``fixed + N * per_instance``
-over ``N >= 1`` (``per_instance_seconds_from_one``, ``fixed_seconds``, ratios ``*_from_one``). The slope over
-all ``N`` counts part of a fixed cost as per-instance cost: the first instance's setup (windows, host
-copies) and the GLIGEN branch's full-map self-attention.
+at seeded random positions); then box area at ``N = 8`` (side 1/8, 1/4, 1/2). Each variant is fitted on
+the time it adds to the base timed in the same interleaved rounds, so drift of the machine between points
+cancels. The marginal cost per instance is what one more instance adds: the slope of
+``fixed + N * per_instance`` fitted over ``N >= 1`` (``per_instance_seconds_from_one``). ``roi /
+regional_mask`` of those slopes at the largest size (``roi_over_mask_from_one``) is the figure the issue
+targets (<= 0.25 for boxes of <= 1/16 of the image at 1024 px). Reported beside it: the fixed part
+(``fixed_seconds``: what the first instance brings, whatever N — the windows' setup, host copies and the
+GLIGEN branch's full-map self-attention), and the slope over all ``N`` including 0
+(``marginal_seconds_per_instance``, ``*_marginal`` ratios), which spreads that fixed part over the instances.
 Writes ``OUT.json`` and ``OUT.png``.
 
     python scripts/bench_roictrl.py                   # 512 and 1024 px: hours on a CPU, minutes on a GPU
@@ -74,6 +76,10 @@ def slope(xs: list[float], ys: list[float]) -> float:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     den = sum((x - mx) ** 2 for x in xs)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
+
+
+def _ms(times: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in times.items())
 
 
 def summarize_counts(rows: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
@@ -291,13 +297,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             macs = ", ".join(f"{k} {v / 1e9:.2f} GMAC" for k, v in e["analytic_macs_per_instance"].items())
             print(f"{size}px (analytic, per instance): {macs}")
             continue
-        per = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in e["marginal_seconds_per_instance"].items())
         ratio = ", ".join(f"{k} {v:.2f}" for k, v in e.items() if "_over_mask" in k)
-        print(f"{size}px: base {e['base_seconds'] * 1000:.0f} ms; per instance: {per}; ratio to mask: {ratio}")
+        print(f"{size}px: base {e['base_seconds'] * 1000:.0f} ms")
         if "fixed_seconds" in e:
-            after = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in e["per_instance_seconds_from_one"].items())
-            fixed = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in e["fixed_seconds"].items())
-            print(f"{size}px from one instance on: per instance {after}; fixed {fixed}")
+            print(f"  per instance (N >= 1): {_ms(e['per_instance_seconds_from_one'])}; fixed: {_ms(e['fixed_seconds'])}")
+        print(f"  slope over all N: {_ms(e['marginal_seconds_per_instance'])}")
+        print(f"  ratios: {ratio}")
     print(f"wrote {out}.json and {out}.png")
     return result
 
