@@ -278,7 +278,7 @@ def main() -> None:
     def speedup(kind: str, size: int, name: str) -> float | None:
         return next((r["speedup"] for r in rows if (r["kind"], r["px"], r["variant"]) == (kind, size, name)), None)
 
-    def speedup_base(kind: str, size: int) -> float | None:
+    def dense_seconds(kind: str, size: int) -> float | None:
         return next((r["seconds"] for r in rows if (r["kind"], r["px"], r["variant"]) == (kind, size, "dense")), None)
 
     checks = {}
@@ -289,7 +289,7 @@ def main() -> None:
         checks[f"unet {big}px schedule >= 1.8x dense"] = speedup("unet", big, "agent (schedule)") >= 1.8
     bounds = {}
     for size in args.sizes:
-        unet_dense, layer_dense = speedup_base("unet", size), speedup_base("layer", size)
+        unet_dense, layer_dense = dense_seconds("unet", size), dense_seconds("layer", size)
         if unet_dense is not None and layer_dense is not None:
             bounds[str(size)] = schedule_bound(unet_dense, layer_dense, agent_layer_count(unet))
             b = bounds[str(size)]

@@ -1,6 +1,8 @@
 """The timing helpers every benchmark uses."""
 
 
+import pytest
+
 from diffattn import benchmark
 
 
@@ -63,3 +65,46 @@ def test_engine_call_times_either_cpu_kernel_and_says_which():
     assert (fn() - ref).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="gather-sdpa"):
         benchmark.engine_call(q, k, v, bm, "fast")
+
+
+def _script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_roictrl_fit_recovers_fixed_and_per_instance_cost_under_drift():
+    """bench_roictrl's fit on synthetic step times: a variant costing 30 ms once plus 2 ms per instance,
+    timed on a machine whose base drifts from 40 to 55 ms between points, comes out as exactly that; the
+    slope over all N (0 included) folds the fixed part in."""
+    mod = _script("bench_roictrl")
+    rows = []
+    for n, base in zip([0, 1, 4, 8, 16, 30], [40.0, 47.0, 41.0, 55.0, 44.0, 50.0]):
+        roi = base + (30.0 + 2.0 * n if n else 0.0)
+        mask = base + 5.0 * n
+        rows.append({"instances": n, "seconds": {"base": base, "roi": roi, "regional_mask": mask}})
+    e = mod.summarize_counts(rows, ["roi", "regional_mask"])
+    assert e["per_instance_seconds_from_one"]["roi"] == pytest.approx(2.0)
+    assert e["fixed_seconds"]["roi"] == pytest.approx(30.0)
+    assert e["per_instance_seconds_from_one"]["regional_mask"] == pytest.approx(5.0)
+    assert e["fixed_seconds"]["regional_mask"] == pytest.approx(0.0, abs=1e-9)
+    assert e["roi_over_mask_from_one"] == pytest.approx(0.4)
+    assert e["marginal_seconds_per_instance"]["regional_mask"] == pytest.approx(5.0)
+    assert e["marginal_seconds_per_instance"]["roi"] > 2.0 + 0.4  # the jump from 0 to 1 instance leaks in
+
+
+def test_agent_schedule_bound():
+    """bench_agent's bound: attention half of a 100 s UNet, phases 40% / 60%, ToMe ratio 0.4 in phase 2:
+    0.4 * 50 + 0.6 * (50 + 0.36 * 50) = 60.8 s, so at most 100 / 60.8; free attention alone gives 2x. The
+    SD 1.5 layout has 5 full-resolution self-attention layers."""
+    mod = _script("bench_agent")
+    b = mod.schedule_bound(100.0, 10.0, 5)
+    assert b["attention_share"] == pytest.approx(0.5)
+    assert b["free_attention_bound"] == pytest.approx(2.0)
+    assert b["schedule_bound"] == pytest.approx(100.0 / 60.8)
+    assert mod.agent_layer_count(mod.sd15_unet()) == 5
