@@ -220,3 +220,25 @@ def test_roictrl_condition_pads_and_follows_caption_dropout():
     assert inst.mask.tolist() == [[True, False], [True, False]]  # the zero-width box and the padding
     empty = encode([""], "cpu")["encoder_hidden_states"][0]
     assert torch.equal(inst.embeds[1, 0], empty) and torch.equal(inst.embeds[0, 0], encode(["a 1"], "cpu")["encoder_hidden_states"][0])
+
+
+def test_eval_roictrl_testbed_tiny_end_to_end(tmp_path):
+    """``scripts/eval_roictrl_testbed.py --tiny``: scenes, base training, adapter training and the three-way
+    evaluation run through and write the report and grid; each success rate is a fraction of the boxes."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "eval_roictrl_testbed.py"
+    spec = importlib.util.spec_from_file_location("eval_roictrl_testbed", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    try:
+        report = mod.main(["--run", str(tmp_path / "run"), "--tiny"])
+    finally:
+        torch.set_num_threads(threads)  # the script sets its own (--threads, default 1)
+    rates = report["instance_success_rate"]
+    assert set(rates) == {"global", "regional_mask", "roi"} and report["boxes"] > 0
+    for rate in rates.values():
+        assert 0.0 <= rate <= 1.0 and (rate * report["boxes"]) == pytest.approx(round(rate * report["boxes"]))
+    assert (tmp_path / "run" / "report.json").is_file() and (tmp_path / "run" / "grid.png").is_file()
