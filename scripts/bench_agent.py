@@ -275,11 +275,14 @@ def main() -> None:
         if not args.skip_unet:
             report("unet", size, bench_unet(unet, size, tomesd, args.rounds))
 
+    def measured(kind: str, size: int, name: str, field: str = "speedup") -> float | None:
+        return next((r[field] for r in rows if (r["kind"], r["px"], r["variant"]) == (kind, size, name)), None)
+
     def speedup(kind: str, size: int, name: str) -> float | None:
-        return next((r["speedup"] for r in rows if (r["kind"], r["px"], r["variant"]) == (kind, size, name)), None)
+        return measured(kind, size, name)
 
     def dense_seconds(kind: str, size: int) -> float | None:
-        return next((r["seconds"] for r in rows if (r["kind"], r["px"], r["variant"]) == (kind, size, "dense")), None)
+        return measured(kind, size, "dense", "seconds")
 
     checks = {}
     big = max(args.sizes)

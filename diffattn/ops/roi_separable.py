@@ -21,7 +21,7 @@ derivative in ``t`` is the same. So gradients reach the boxes as they do through
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -128,8 +128,6 @@ class BoxWindows:
     one instance, and that saves the weights' small kernels in every layer. Build with :meth:`build`.
     """
 
-    hw: tuple[int, int]
-    boxes: torch.Tensor  # (M, 4)
     pixels: torch.Tensor  # (M, h, w) flat indices into B*H*W
     origins: torch.Tensor  # (M, 2)
     align_y: torch.Tensor  # (M, P, h)
@@ -162,7 +160,7 @@ class BoxWindows:
         a_x = align_weights(boxes[:, 0], boxes[:, 2], w, p, origins[:, 1], ww, sampling_ratio, aligned)
         r_y, in_y = unpool_weights(boxes[:, 1], boxes[:, 3], h, p, origins[:, 0], wh)
         r_x, in_x = unpool_weights(boxes[:, 0], boxes[:, 2], w, p, origins[:, 1], ww)
-        return cls(hw, boxes, pixels, origins, a_y.to(dtype), a_x.to(dtype), r_y.to(dtype), r_x.to(dtype),
+        return cls(pixels, origins, a_y.to(dtype), a_x.to(dtype), r_y.to(dtype), r_x.to(dtype),
                    in_y[:, :, None] & in_x[:, None, :])
 
     @property
@@ -174,8 +172,7 @@ class BoxWindows:
 
     def select(self, index: slice) -> BoxWindows:
         """The windows of the boxes ``index`` (a slice)."""
-        return BoxWindows(self.hw, *(t[index] for t in (self.boxes, self.pixels, self.origins, self.align_y,
-                                                         self.align_x, self.unpool_y, self.unpool_x, self.inside)))
+        return BoxWindows(*(getattr(self, f.name)[index] for f in fields(self)))
 
 
 def roi_align_windows(tokens: torch.Tensor, windows: BoxWindows) -> torch.Tensor:

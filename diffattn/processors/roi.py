@@ -117,6 +117,12 @@ class RegionInstances:
     def count(self) -> int:
         return self.boxes.shape[1]
 
+    @property
+    def cacheable(self) -> bool:
+        """Whether derived tensors may be kept on the instance: not with autograd history, since a graph
+        shared by two forward passes would be freed by the first backward."""
+        return not (self.boxes.requires_grad or self.embeds.requires_grad)
+
     def for_batch(self, batch: int, device: torch.device, dtype: torch.dtype) -> RegionInstances:
         """Tiled to ``batch`` (a multiple of the stored batch) on ``device``; embeds in ``dtype``."""
         b = self.boxes.shape[0]
@@ -133,9 +139,7 @@ class RegionInstances:
             host_boxes=self.host_boxes.repeat(rep, 1, 1),
             host_mask=self.host_mask.repeat(rep, 1),
         )
-        # kept only without autograd history: a graph shared by two forward passes would be freed by the first
-        # backward
-        if not (tiled.boxes.requires_grad or tiled.embeds.requires_grad):
+        if tiled.cacheable:
             self.cache[key] = tiled
         return tiled
 
@@ -326,10 +330,9 @@ class ROICtrlAttnProcessor(_RegionalProcessor):
         def cross(tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
             return self._stock(attn, tokens, encoder_hidden_states=context)
 
-        cache = None if (inst.boxes.requires_grad or inst.embeds.requires_grad) else inst.cache
         return self.block(hidden_states, base, inst.boxes, inst.embeds, inst.mask, (h, w),
                           self.adapter.roi_size(level), cross, host_boxes=inst.host_boxes, host_mask=inst.host_mask,
-                          cache=cache)
+                          cache=inst.cache if inst.cacheable else None)
 
 
 class RegionMaskAttnProcessor(_RegionalProcessor):
