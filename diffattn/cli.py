@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 import time
 from pathlib import Path
@@ -11,41 +10,7 @@ from typing import Any
 
 import torch
 
-ZOO_PREFIX = "zoo:"
-TESTBED_PREFIX = "testbed:"
-# the digits UNet trained here and shipped with the package (see `diffattn testbed list`)
-DEFAULT_MODEL = "testbed:digits-unet"
-
-
-def parse_options(pairs: list[str] | None) -> dict[str, Any]:
-    """``["decay_factor=0.2", "dense_timesteps=12"]`` -> ``{"decay_factor": 0.2, "dense_timesteps": 12}``."""
-    options: dict[str, Any] = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise SystemExit(f"--option expects KEY=VALUE, got {pair!r}")
-        key, raw = pair.split("=", 1)
-        try:
-            options[key.strip()] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            options[key.strip()] = raw
-    return options
-
-
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
-    """A pipeline from ``zoo:NAME``, ``testbed:NAME``, a local ``save_pretrained`` folder, or a hub id."""
-    if model.startswith(TESTBED_PREFIX):
-        from .testbed import models
-
-        return models.load(model[len(TESTBED_PREFIX) :], dtype=dtype, device=device)
-    if model.startswith(ZOO_PREFIX):
-        from . import zoo
-
-        pipe = zoo.load(model[len(ZOO_PREFIX) :], dtype=dtype)
-    else:
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-    return pipe.to(device)
+from .loading import DEFAULT_MODEL, TESTBED_PREFIX, ZOO_PREFIX, load_pipeline, parse_options
 
 
 def _grid_arg(s: str) -> tuple[int, int, int]:

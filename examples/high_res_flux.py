@@ -16,7 +16,7 @@ import argparse
 import torch
 from diffattn.pipelines import HighResPipeline
 
-from diffattn.cli import load_pipeline
+from diffattn.loading import load_pipeline
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="black-forest-labs/FLUX.1-dev")

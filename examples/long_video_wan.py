@@ -16,7 +16,7 @@ import torch
 from diffattn.pipelines import long_video_decoding
 
 import diffattn
-from diffattn.cli import load_pipeline
+from diffattn.loading import load_pipeline
 from diffattn.io import save_frames
 
 p = argparse.ArgumentParser()

@@ -114,7 +114,7 @@ def build_parser(prog: str = "diffattn train") -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from diffattn.cli import parse_options
+    from diffattn.loading import parse_options
 
     from .trainer import TrainConfig
 

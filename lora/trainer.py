@@ -361,7 +361,7 @@ class Trainer:
 
     def _build_model(self) -> None:
         import diffattn
-        from diffattn.cli import ZOO_PREFIX, load_pipeline
+        from diffattn.loading import ZOO_PREFIX, load_pipeline
 
         cfg, acc = self.cfg, self.accelerator
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
@@ -656,7 +656,7 @@ class Trainer:
 
         Images go into one PNG row ``samples/step-N.png``; videos into ``samples/step-N[_i].gif``.
         """
-        from diffattn.cli import ZOO_PREFIX
+        from diffattn.loading import ZOO_PREFIX
         from diffattn.io import save_frames, save_images
 
         cfg = self.cfg

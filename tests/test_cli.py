@@ -11,7 +11,8 @@ import numpy as np
 from PIL import Image
 
 from diffattn import zoo
-from diffattn.cli import main, parse_options
+from diffattn.cli import main
+from diffattn.loading import parse_options
 
 
 def test_methods_lists_dense(capsys):

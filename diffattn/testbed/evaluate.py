@@ -22,48 +22,7 @@ import numpy as np
 import torch
 
 from ..benchmark import DTYPES
-
-ZOO_PREFIX = "zoo:"
-TESTBED_PREFIX = "testbed:"
-
-
-@dataclass
-class Target:
-    """A pipeline to evaluate and how to call it."""
-
-    pipe: Any
-    call_kwargs: dict[str, Any]  # everything but prompt / generator / negative_prompt per sample
-    prompt: str | None  # the one prompt of non-digit models
-    num_classes: int  # > 0: a digits model, judged by the classifier
-
-
-def resolve(model: str, device: str = "cpu", dtype: str = "fp32") -> Target:
-    """``zoo:NAME``, ``testbed:NAME`` or a pipeline folder (a testbed folder when it has ``testbed.json``)."""
-    from . import models
-
-    torch_dtype = DTYPES[dtype]
-    if model.startswith(ZOO_PREFIX):
-        from .. import zoo
-
-        name = model[len(ZOO_PREFIX) :]
-        pipe = zoo.load(name, dtype=torch_dtype).to(device)
-        kw = zoo.default_call_kwargs(name)
-        kw.pop("generator", None)
-        return Target(pipe, kw, kw.pop("prompt", ""), 0)
-    if model.startswith(TESTBED_PREFIX):
-        name = model[len(TESTBED_PREFIX) :]
-        spec = models.get(name)
-        pipe = models.load(name, dtype=torch_dtype, device=device)
-        return Target(pipe, dict(spec.call_kwargs), None, spec.num_classes)
-    folder = Path(model)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--model {model!r} is not zoo:NAME, testbed:NAME or an existing pipeline folder")
-    info = models.read_info(folder)
-    pipe = models.load_folder(folder, dtype=torch_dtype, device=device)
-    if info is not None:
-        return Target(pipe, dict(info.get("call_kwargs", {})), None, len(info.get("captions", [])))
-    return Target(pipe, {"output_type": "np"}, "", 0)
-
+from ..loading import load
 
 def _outputs(out: Any) -> np.ndarray:
     """Pipeline output -> float array (N, H, W, C) for images or (N, F, H, W, C) for videos, in [0, 1]."""
@@ -116,7 +75,8 @@ def evaluate(
     registry.get(method).build_config(options)  # fail on a bad method or option before any work
     if samples < 1 or batch_size < 1:
         raise ValueError(f"samples and batch_size must be >= 1, got {samples}, {batch_size}")
-    target = resolve(model, device=device, dtype=dtype)
+    target = load(model, dtype=DTYPES[dtype], device=device)
+    target.call_kwargs.setdefault("output_type", "np")
     pipe, base = target.pipe, dict(target.call_kwargs)
     diffattn.apply(pipe, method, **options).remove()  # a model the method cannot patch fails before any sampling
     if steps is not None:
