@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,32 @@ from . import registry
 from .benchmark import DTYPES, environment, measure_peak, save_figure, timeit, write_json
 from .ops import BlockMask, block_sparse_attention
 
+MAX_MASK_BLOCKS = 4096  # query/key blocks per side that `diffattn mask` draws
 
-def _method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+
+def bench_stem(out: str | os.PathLike) -> Path:
+    """The path stem of ``diffattn bench --out``: ``x`` (or ``x.json`` / ``x.png``) -> ``x``; ``x.json`` and
+    ``x.png`` are written.
+
+    Raises:
+        ValueError: another extension (it would be replaced silently), a folder, or an unwritable place.
+    """
+    from .checks import UsageError, check_out_file
+
+    p = Path(out)
+    if not str(out):
+        raise UsageError("--out must be a path stem, got ''")
+    suffix = p.suffix.lower()
+    if suffix in (".json", ".png"):
+        p = p.with_suffix("")
+    elif suffix:
+        raise UsageError(f"--out is a path stem (STEM.json and STEM.png are written); got {str(out)!r} with the extension {p.suffix!r}")
+    for ext in (".json", ".png"):
+        check_out_file(p.with_name(p.name + ext), {ext}, "--out")
+    return p
+
+
+def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """``{"radial.decay_factor": 0.2}`` -> the options of ``radial``; keys without a prefix go to all."""
     out = {}
     for key, value in options.items():
@@ -36,7 +61,7 @@ def method_block_mask(
     spec = registry.get(name)
     if spec.block_mask is None:
         raise ValueError(f"method {name!r} builds no block mask (it is not block-sparse)")
-    config = spec.build_config(_method_options(name, options or {}))
+    config = spec.build_config(method_options(name, options or {}))
     return spec.block_mask(config, grid, n_text, text_position, block_size)
 
 
@@ -45,7 +70,7 @@ def method_attention(
 ) -> tuple[Any, float | None]:
     """A ``fn(q, k, v)`` for the method at this shape, and its block density when block-sparse."""
     spec = registry.get(name)
-    config = spec.build_config(_method_options(name, options))
+    config = spec.build_config(method_options(name, options))
     if spec.attention is not None:
         return spec.attention(config, grid, n_text, text_position), None
     if spec.block_mask is not None:
@@ -76,23 +101,35 @@ def run_bench(
     import matplotlib.pyplot as plt
 
     names = methods if methods else benchmarkable()
+    # which methods apply to this shape, decided before any timing: methods named with --methods must,
+    # the default list skips the others with a line saying why
+    fns: dict[str, tuple[Any, float | None]] = {}
+    skipped: dict[str, str] = {}
+    for name in names:
+        try:
+            fns[name] = method_attention(name, grid, n_text, text_position, options)
+        except ValueError as e:
+            if methods:
+                raise ValueError(f"--methods {name}: {e}") from None
+            skipped[name] = " ".join(str(e).split())
+            print(f"{name:16s} skipped: {skipped[name]}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n = grid[0] * grid[1] * grid[2] + n_text
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(1, heads, n, head_dim, generator=g).to(device, DTYPES[dtype]) for _ in range(3))
     rows = []
     with torch.no_grad():
-        t_dense = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device, repeats)
+        # the memory-peak call is also the untimed warm-up call
         m_dense = measure_peak(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device)
+        t_dense = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device, repeats, warmup=0)
         rows.append({"method": "dense-sdpa", "seconds": t_dense, "speedup": 1.0, "density": 1.0, "peak_mb": m_dense})
         print(f"{'dense-sdpa':16s} {t_dense * 1e3:9.2f} ms")
-        for name in names:
-            fn, density = method_attention(name, grid, n_text, text_position, options)
-            t = timeit(lambda fn=fn: fn(q, k, v), device, repeats)
+        for name, (fn, density) in fns.items():
             mem = measure_peak(lambda fn=fn: fn(q, k, v), device)
+            t = timeit(lambda fn=fn: fn(q, k, v), device, repeats, warmup=0)
             rows.append({"method": name, "seconds": t, "speedup": t_dense / t, "density": density, "peak_mb": mem})
             dens = f"density {density:.3f}" if density is not None else ""
-            print(f"{name:16s} {t * 1e3:9.2f} ms  speedup {t_dense / t:5.2f}x  {dens}")
+            print(f"{name:16s} {t * 1e3:9.2f} ms  speedup {t_dense / t:5.2f}x  {dens}", flush=True)
     result = {
         "grid": grid,
         "tokens": n,
@@ -101,15 +138,17 @@ def run_bench(
         "dtype": dtype,
         "environment": environment(),
         "rows": rows,
+        "skipped": skipped,
     }
-    write_json(out.with_suffix(".json"), result)
+    json_path, png_path = out.with_name(out.name + ".json"), out.with_name(out.name + ".png")
+    write_json(json_path, result)
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.bar([r["method"] for r in rows], [r["speedup"] for r in rows])
     ax.set_ylabel("speedup vs dense SDPA")
     ax.set_title(f"{n} tokens, {heads} heads x {head_dim}, {dtype}, {environment()['device']}")
-    save_figure(fig, out.with_suffix(".png"))
+    save_figure(fig, png_path)
     plt.close(fig)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    print(f"wrote {json_path} and {png_path}")
     return result
 
 
@@ -134,7 +173,8 @@ def draw_mask(
     ax.set_title(f"{method}: grid {grid}, text {n_text}, density {bm.density():.3f}")
     ax.set_xlabel(f"key block ({block_size} tokens)")
     ax.set_ylabel("query block")
-    out = out if out.suffix.lower() == ".png" else out.with_suffix(".png")
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out must end in .png (the mask image), got {str(out)!r}")
     save_figure(fig, out)
     plt.close(fig)
     return out
@@ -155,7 +195,7 @@ def video_mask_args(
     The model's VAE and patchify factors give the grid, its pipeline default the text tokens, and for
     ``radial`` its attention-sink default (Wan) unless ``sink`` is given.
     """
-    from .processors.radial import VIDEO_MODELS, latent_grid
+    from .masks.video_geometry import VIDEO_MODELS, latent_grid
 
     if None in (frames, height, width):
         raise ValueError("give --frames, --height and --width together (pixels), or --grid (tokens)")
@@ -186,7 +226,7 @@ def mask_summary(
     )
     spec = registry.get(method)
     if spec.token_density is not None:
-        config = spec.build_config(_method_options(method, options))
+        config = spec.build_config(method_options(method, options))
         token = spec.token_density(config, grid, n_text, text_position, block_size)
         line += f"; token density {token:.4f}"
     return line

@@ -1,10 +1,18 @@
-"""Writing generated images and videos: atomically (temp file, then rename), never half-written."""
+"""Writing generated images and videos: atomically (temp file, then rename), never half-written.
+
+Every file the project writes goes through :func:`atomic_path` (or :func:`atomic_write` /
+:func:`atomic_text`), which gives it the mode a plain ``open`` would (``0o666 & ~umask``; folders
+``0o777 & ~umask``).
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
-import tempfile
-from collections.abc import Sequence
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +21,7 @@ from PIL import Image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 VIDEO_SUFFIXES = {".gif", ".mp4"}
+_SEQ = itertools.count()
 
 
 def to_pil(img: Any) -> Image.Image:
@@ -29,17 +38,89 @@ def to_pil(img: Any) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def _atomic(path: Path, write: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
+def current_umask() -> int:
+    """The process's umask (read from ``/proc/self/status`` where it can be, else set and restored)."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode a plain ``open`` (``0o666``) or ``mkdir`` (``0o777``) gives under the current umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def publish_modes(path: str | os.PathLike) -> None:
+    """Give ``path`` (and, for a folder, everything under it) the modes a plain ``open`` / ``mkdir`` would:
+    temp files and folders (``mkstemp`` 0600, ``mkdtemp`` 0700) must not keep theirs once renamed into place."""
+    path, mask = Path(path), current_umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def replace_path(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename ``src`` onto ``dst`` (same filesystem); an existing folder ``dst`` is first moved aside and
+    removed once ``src`` is in place (a folder cannot be renamed over a non-empty one)."""
+    src, dst = Path(src), Path(dst)
+    if src.is_dir() and dst.is_dir() and not dst.is_symlink():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def _temp_name(path: Path, suffix: str) -> Path:
+    return path.parent / f".{path.name}.tmp-{os.getpid()}-{time.time_ns()}-{next(_SEQ)}{suffix}"
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, directory: bool = False) -> Iterator[Path]:
+    """A temp path beside ``path`` to write into; on success it is renamed onto ``path`` with the
+    umask's mode (like a plain ``open`` / ``mkdir``), on failure removed, so ``path`` is never half-written.
+
+    ``directory``: the temp path is an empty folder (an existing ``path`` folder is moved aside, then
+    removed, once the new one is in place); else nothing exists at the temp path (writers that open it
+    by name, PIL, safetensors, matplotlib, see the suffix of ``path``). An error names ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path, "" if directory else path.suffix)
+    if directory:
+        tmp.mkdir()
+    try:
+        yield tmp
+        publish_modes(tmp)
+        replace_path(tmp, path)
+    except BaseException as e:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None and e.filename == str(tmp):
+            raise type(e)(e.errno, f"cannot write {str(path)!r}: {e.strerror}") from e  # the user's path, not the temp
         raise
-    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """``write(temp_path)`` then rename onto ``path`` (see :func:`atomic_path`); returns ``path``."""
+    with atomic_path(path) as tmp:
+        write(str(tmp))
+    return Path(path)
+
+
+def atomic_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically, with the umask's mode."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_images(images: Sequence[Any], path: str | os.PathLike) -> list[Path]:
@@ -49,7 +130,7 @@ def save_images(images: Sequence[Any], path: str | os.PathLike) -> list[Path]:
         raise ValueError(f"out must end in one of {sorted(IMAGE_SUFFIXES)} for images, got {str(path)!r}")
     images = list(images)
     targets = [path] if len(images) == 1 else [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(len(images))]
-    return [_atomic(t, lambda tmp, im=im: to_pil(im).save(tmp)) for t, im in zip(targets, images)]
+    return [atomic_write(t, lambda tmp, im=im: to_pil(im).save(tmp)) for t, im in zip(targets, images)]
 
 
 def save_frames(frames: Sequence[Any], path: str | os.PathLike, fps: int = 8) -> list[Path]:
@@ -61,7 +142,7 @@ def save_frames(frames: Sequence[Any], path: str | os.PathLike, fps: int = 8) ->
         return save_images(pils, path)
     if suffix == ".gif":
         return [
-            _atomic(
+            atomic_write(
                 path,
                 lambda tmp: pils[0].save(tmp, save_all=True, append_images=pils[1:], duration=int(1000 / fps), loop=0),
             )
@@ -75,7 +156,7 @@ def save_frames(frames: Sequence[Any], path: str | os.PathLike, fps: int = 8) ->
         def write(tmp: str) -> None:
             imageio.mimwrite(tmp, [np.asarray(p.convert("RGB")) for p in pils], fps=fps, format="FFMPEG")
 
-        return [_atomic(path, write)]
+        return [atomic_write(path, write)]
     raise ValueError(f"out must end in one of {sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES)}, got {str(path)!r}")
 
 
@@ -94,4 +175,4 @@ def save_labelled_grid(images: Sequence[Any], labels: Sequence[str], path: str |
     for i, (im, label) in enumerate(zip(pils, labels)):
         grid.paste(im.resize((cell_w, cell_h), Image.NEAREST), (i * cell_w, 0))
         draw.text((i * cell_w + 3, cell_h + 1), label, fill="black")
-    return _atomic(path, grid.save)
+    return atomic_write(path, grid.save)

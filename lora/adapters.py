@@ -47,6 +47,14 @@ def check_targets(model: nn.Module, targets: list[str], option: str = "--lora-ta
         )
 
 
+def lora_alpha(rank: int, alpha: float | None = None) -> float:
+    """The LoRA scaling numerator: ``alpha`` as given, else the rank (scale ``alpha / rank`` = 1).
+
+    The one rule for the default, used by :func:`add_lora`, the checkpoint identity and the model card.
+    """
+    return rank if alpha is None else alpha
+
+
 def add_lora(
     model: nn.Module,
     rank: int,
@@ -69,7 +77,7 @@ def add_lora(
     model.requires_grad_(False)
     config = LoraConfig(
         r=rank,
-        lora_alpha=alpha if alpha is not None else rank,
+        lora_alpha=lora_alpha(rank, alpha),
         lora_dropout=dropout,
         init_lora_weights=init,
         target_modules=targets,
@@ -189,9 +197,28 @@ def load_extra_modules(pipe: Any, path: str | os.PathLike) -> list[str]:
 
 
 def load(pipe: Any, path: str | os.PathLike) -> None:
-    """Load a trained result folder: the LoRA through diffusers, then any extra modules."""
+    """Load a trained result folder: the LoRA through diffusers, then any extra modules.
+
+    Modules a recipe added to the model (a ``roictrl`` run's adapter, as ``pipe.unet.roictrl_adapter``)
+    are rebuilt first by the recipe named in the folder's ``train_config.json``.
+    """
     path = Path(path)
+    if not any((path / f).is_file() for f in (LORA_FILE, EXTRA_FILE)):
+        raise FileNotFoundError(f"{str(path)!r} holds neither {LORA_FILE} nor {EXTRA_FILE}: not a finished training output")
     if (path / LORA_FILE).is_file():
         pipe.load_lora_weights(str(path))
     if (path / EXTRA_FILE).is_file():
+        recipe = _recipe_of(path)
+        if recipe is not None and recipe.attach is not None:
+            recipe.attach(pipe, path)
         load_extra_modules(pipe, path)
+
+
+def _recipe_of(path: Path) -> Any:
+    """The recipe named in ``path/train_config.json``, or ``None`` (no such file, or an unknown recipe)."""
+    from .recipes import get_recipe
+
+    try:
+        return get_recipe(json.loads((path / "train_config.json").read_text())["recipe"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .adapters import lora_alpha
+
 
 def _fmt(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else ("n/a" if v is None else str(v))
@@ -40,7 +42,7 @@ def model_card(cfg: Any, family: Any, num_samples: int, steps: int, metrics: dic
         ("learning rate", cfg.learning_rate),
         (
             "LoRA",
-            f"rank {cfg.rank}, alpha {cfg.lora_alpha if cfg.lora_alpha is not None else cfg.rank}, dropout {cfg.lora_dropout}, init {cfg.lora_init}"
+            f"rank {cfg.rank}, alpha {lora_alpha(cfg.rank, cfg.lora_alpha)}, dropout {cfg.lora_dropout}, init {cfg.lora_init}"
             if cfg.lora_targets
             else "none (whole modules only)",
         ),

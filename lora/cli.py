@@ -93,7 +93,16 @@ def build_parser(prog: str = "diffattn train") -> argparse.ArgumentParser:
     o = p.add_argument_group("checkpoints, logs, samples")
     o.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: none)")
     o.add_argument("--checkpoints-total-limit", type=int, default=None)
-    o.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    o.add_argument(
+        "--resume",
+        default=None,
+        help="'latest' (the newest valid checkpoint: a damaged newer one is skipped with a warning) or a checkpoint folder",
+    )
+    o.add_argument(
+        "--no-checkpoint-fallback",
+        action="store_true",
+        help="with --resume latest: a damaged newest checkpoint is an error instead of being skipped",
+    )
     o.add_argument(
         "--validation-every", type=int, default=0, help="steps between validation samples (0: none)"
     )
@@ -129,6 +138,9 @@ def main(argv: list[str] | None = None, prog: str = "diffattn train") -> int:
 
     args = build_parser(prog).parse_args(argv)
     try:
+        from diffattn.checks import check_train_args  # everything checkable before data or model is read
+
+        check_train_args(args, get_recipe(args.recipe))
         from .trainer import train
 
         result = train(config_from_args(args))

@@ -457,6 +457,7 @@ class BoxesJsonl(torch.utils.data.Dataset):
         return len(self.rows)
 
     def load(self, index: int, generator: torch.Generator | None = None) -> dict[str, Any]:
+        """Row ``index``: the image resized and cropped to the training size, its boxes mapped with it."""
         row = self.rows[index]
         with Image.open(row["_image"]) as im:
             w0, h0 = im.size

@@ -23,9 +23,7 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +32,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffattn.io import atomic_text
+
 from . import adapters, checkpoints, sharding
 from .data import DataError, build_dataset, collate, parse_buckets
 from .models import Family, family_for
 from .objectives import objective_from_scheduler
 from .recipes import get_recipe
 
-# fields that must match between a checkpoint and the run resuming from it
-_IDENTITY = ("model", "recipe", "rank", "lora_alpha", "lora_targets", "train_modules", "lora_init", "expert")
 _FIXED_SEED = 20240607  # the fixed (timestep, noise) evaluation set does not depend on --seed
 
 
@@ -89,6 +87,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     checkpoints_total_limit: int | None = None
     resume: str | None = None  # None | "latest" | a checkpoint folder
+    no_checkpoint_fallback: bool = False  # --resume latest: a damaged newest checkpoint is an error, not skipped
     validation_every: int = 0
     validation_prompt: list[str] | None = None  # default: the first caption
     validation_inference_steps: int | None = None
@@ -120,6 +119,8 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
+    """What a finished run produced: the output folder, steps, losses and the checkpoint it resumed from."""
+
     output: Path
     steps: int
     final_loss: float | None
@@ -222,18 +223,6 @@ class _StepData(torch.utils.data.Dataset):
         return batch
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class Trainer:
     """Builds everything from a :class:`TrainConfig`; :meth:`train` runs it."""
 
@@ -255,7 +244,7 @@ class Trainer:
             default_caption=cfg.default_caption,
             buckets=parse_buckets(cfg.buckets, cfg.resolution) if cfg.buckets else None,
         )
-        self.resume_from = checkpoints.resolve_resume(self.output, cfg.resume)
+        self.resume_from = checkpoints.resolve_resume(self.output, cfg.resume, fallback=not cfg.no_checkpoint_fallback)
         if self.resume_from is None and (
             checkpoints.list_checkpoints(self.output)
             or any((self.output / f).exists() for f in (adapters.LORA_FILE, adapters.EXTRA_FILE))
@@ -300,7 +289,7 @@ class Trainer:
                 ds.deepspeed_config, cfg.batch_size, cfg.grad_accum, self.accelerator.num_processes, cfg.max_grad_norm
             )
         if self.resume_from is not None:
-            self._check_resume(checkpoints.read_state(self.resume_from))
+            checkpoints.check_identity(cfg, checkpoints.read_state(self.resume_from), self.resume_from)
         groups = self.dataset.groups() if hasattr(self.dataset, "groups") else None
         self.schedule = Schedule(
             len(self.dataset),
@@ -329,34 +318,6 @@ class Trainer:
                 raise ValueError(
                     f"--push-to-hub {cfg.push_to_hub!r}: the Hugging Face Hub is unreachable in offline mode "
                     "(HF_HUB_OFFLINE=1); train without --push-to-hub and upload the output folder later"
-                )
-
-    def _identity(self) -> dict[str, Any]:
-        cfg = self.cfg
-        return {
-            "model": cfg.model,
-            "recipe": cfg.recipe,
-            "rank": cfg.rank,
-            "lora_alpha": cfg.lora_alpha if cfg.lora_alpha is not None else cfg.rank,
-            "lora_targets": list(cfg.lora_targets or []),
-            "train_modules": list(cfg.train_modules or []),
-            "lora_init": cfg.lora_init,
-            "expert": cfg.expert,
-        }
-
-    def _check_resume(self, state: dict[str, Any]) -> None:
-        mine = self._identity()
-        for key in _IDENTITY:
-            if key in state and state[key] != mine[key]:
-                raise ValueError(
-                    f"--{key.replace('_', '-')} {mine[key]!r} differs from {state[key]!r} in checkpoint "
-                    f"{str(self.resume_from)!r}; resume with the same value, or train into a new --output"
-                )
-        for key in ("seed", "batch_size", "grad_accum"):
-            if key in state and state[key] != getattr(self.cfg, key):
-                warnings.warn(
-                    f"resuming with --{key.replace('_', '-')} {getattr(self.cfg, key)} (checkpoint: {state[key]})",
-                    stacklevel=2,
                 )
 
     def _build_model(self) -> None:
@@ -510,56 +471,11 @@ class Trainer:
         return float(np.mean(losses))
 
     # ---------------------------------------------------------------- checkpoints
-    def _state(self, step: int) -> dict[str, Any]:
-        return {
-            **self._identity(),
-            "step": step,
-            "seed": self.cfg.seed,
-            "batch_size": self.cfg.batch_size,
-            "grad_accum": self.cfg.grad_accum,
-            "num_processes": self.accelerator.num_processes,
-            "distributed_type": self.accelerator.distributed_type.name,
-            "denoiser": type(self.family.denoiser).__name__,
-            "fixed_loss_start": self._fixed_start,
-        }
-
     def save_checkpoint(self, step: int) -> None:
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if self.sharded or self.deepspeed or acc.is_main_process:  # gathering shards is a collective
-            tensors = self._full_trainable()
-            # DeepSpeed's partitioned optimizer is saved by DeepSpeed itself (below)
-            optimizer = None if self.deepspeed else sharding.full_optimizer_state(self.optimizer)
-            ema = sharding.full_ema_state(self.ema) if self.ema is not None else None
-        staging = None
-        if self.deepspeed:  # every process writes its optimizer partition into the one staging folder
-            staging = checkpoints.staging_dir(self.output, step)
-            if acc.is_main_process:
-                checkpoints.begin_staging(staging)
-            acc.wait_for_everyone()
-            self.model.save_checkpoint(
-                str(staging / DEEPSPEED_DIR), tag="zero", save_latest=False, exclude_frozen_parameters=True
-            )
-            acc.wait_for_everyone()
-        if acc.is_main_process:
-            from safetensors.torch import save_file
+        """Write the checkpoint of step ``step`` (see :func:`diffattn.lora.checkpoints.save`)."""
+        checkpoints.save(self, step)
 
-            def write(folder: Path) -> None:
-                save_file(tensors, str(folder / "trainable.safetensors"))
-                if optimizer is not None:
-                    torch.save(optimizer, folder / "optimizer.pt")
-                torch.save(self.lr_scheduler.state_dict(), folder / "lr_scheduler.pt")
-                if ema is not None:
-                    torch.save(ema, folder / "ema.pt")
-                if acc.scaler is not None:
-                    torch.save(acc.scaler.state_dict(), folder / "scaler.pt")
-
-            checkpoints.write_checkpoint(
-                self.output, step, write, self._state(step), self.cfg.checkpoints_total_limit, staging=staging
-            )
-        acc.wait_for_everyone()
-
-    def _full_trainable(self) -> dict[str, torch.Tensor]:
+    def full_trainable(self) -> dict[str, torch.Tensor]:
         """The trainable weights, whole, on CPU (a collective under FSDP and DeepSpeed); under
         DeepSpeed the fp32 masters from its optimizer partitions, not the module's own copies."""
         named = dict(self.family.denoiser.named_parameters())
@@ -568,58 +484,8 @@ class Trainer:
         return sharding.full_parameters(named, self.param_names)
 
     def load_checkpoint(self, path: Path) -> int:
-        from safetensors.torch import load_file
-
-        state = checkpoints.read_state(path)
-        written = state.get("distributed_type")
-        if self.deepspeed or written == "DEEPSPEED":
-            n = self.accelerator.num_processes
-            if not (self.deepspeed and written == "DEEPSPEED" and state.get("num_processes") == n):
-                raise ValueError(
-                    f"checkpoint {str(path)!r} was written by {state.get('num_processes')} process(es) under "
-                    f"{written}; this run is {n} process(es) under {self.accelerator.distributed_type.name}. "
-                    "A DeepSpeed checkpoint keeps its optimizer in per-process partitions: resume it under "
-                    "DeepSpeed with the same process count (checkpoints of one process, DDP and FSDP2 resume "
-                    "in any of those layouts)"
-                )
-            self.model.load_checkpoint(
-                str(path / DEEPSPEED_DIR), tag="zero", load_module_strict=False, load_lr_scheduler_states=False
-            )
-            self._load_schedule_and_ema(path)
-            return int(state["step"])
-        tensors = load_file(str(path / "trainable.safetensors"))
-        named = dict(self.family.denoiser.named_parameters())
-        missing = sorted(set(self.param_names) - set(tensors))
-        if missing:
-            raise ValueError(
-                f"checkpoint {str(path)!r} lacks {len(missing)} trainable weights (e.g. {missing[0]}); was it made with other options?"
-            )
-        for n in self.param_names:
-            if named[n].shape != tensors[n].shape:
-                raise ValueError(
-                    f"checkpoint {str(path)!r}: {n} has shape {tuple(tensors[n].shape)}, the model {tuple(named[n].shape)}"
-                )
-        sharding.load_parameters(named, {n: tensors[n] for n in self.param_names})
-        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        saved, mine = len(optimizer_state["param_groups"]), len(self.optimizer.param_groups)
-        if saved != mine:
-            raise ValueError(
-                f"checkpoint {str(path)!r} has {saved} optimizer parameter group(s), this run {mine}: the recipe's "
-                "learning-rate factors differ (roictrl: --option gate_lr_scale; 1 gives the one-group layout of "
-                "older checkpoints); resume with the checkpoint's, or train into a new --output"
-            )
-        sharding.load_optimizer_state(self.optimizer, optimizer_state)
-        self._load_schedule_and_ema(path)
-        return int(state["step"])
-
-    def _load_schedule_and_ema(self, path: Path) -> None:
-        self.lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=False))
-        if self.ema is not None:
-            if not (path / "ema.pt").is_file():
-                raise ValueError(f"--ema is on but checkpoint {str(path)!r} has no EMA state")
-            sharding.load_ema_state(self.ema, torch.load(path / "ema.pt", weights_only=False), self.params)
-        if self.accelerator.scaler is not None and (path / "scaler.pt").is_file():
-            self.accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
+        """Restore the run from checkpoint ``path``; returns its step (see :func:`diffattn.lora.checkpoints.load`)."""
+        return checkpoints.load(self, path)
 
     # ---------------------------------------------------------------- logging, samples
     def _log_path(self) -> Path:
@@ -634,7 +500,7 @@ class Trainer:
         keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
         buf = io.StringIO()
         csv.writer(buf).writerows(keep)
-        _atomic_text(path, buf.getvalue())
+        atomic_text(path, buf.getvalue())
 
     def _log(self, row: dict[str, Any]) -> None:
         path = self._log_path()
@@ -656,8 +522,8 @@ class Trainer:
 
         Images go into one PNG row ``samples/step-N.png``; videos into ``samples/step-N[_i].gif``.
         """
-        from diffattn.loading import ZOO_PREFIX
         from diffattn.io import save_frames, save_images
+        from diffattn.loading import ZOO_PREFIX
 
         cfg = self.cfg
         first = (
@@ -703,20 +569,21 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> TrainResult:
+        """Run (or resume) the training loop to ``max_steps``: checkpoints, validation, the final save."""
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.accelerator
         start = 0
-        self._fixed_start: float | None = None
+        self.fixed_loss_start: float | None = None
         if self.resume_from is not None:
             start = self.load_checkpoint(self.resume_from)
-            self._fixed_start = checkpoints.read_state(self.resume_from).get("fixed_loss_start")
+            self.fixed_loss_start = checkpoints.read_state(self.resume_from).get("fixed_loss_start")
             if acc.is_main_process:
                 print(f"resumed from {self.resume_from} at step {start}", file=sys.stderr)
         self._tb = None
         if acc.is_main_process:
             self.output.mkdir(parents=True, exist_ok=True)
-            _atomic_text(
+            atomic_text(
                 self.output / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str)
             )
             if start:
@@ -726,8 +593,8 @@ class Trainer:
         # (under DeepSpeed too, so that every process applies the EMA before the weights are gathered)
         evaluates = self.sharded or self.deepspeed or acc.is_main_process
         if start == 0:
-            self._fixed_start = self.fixed_loss() if evaluates else None
-        fixed_start = self._fixed_start
+            self.fixed_loss_start = self.fixed_loss() if evaluates else None
+        fixed_start = self.fixed_loss_start
         loader = torch.utils.data.DataLoader(
             _StepData(self.dataset, self.schedule, cfg.seed, acc.process_index, start, cfg.max_steps),
             batch_size=None,
@@ -810,7 +677,7 @@ class Trainer:
         if self.deepspeed and self.ema is not None:
             trainable = sharding.full_parameters(dict(model.named_parameters()), self.param_names)
         else:
-            trainable = self._full_trainable()
+            trainable = self.full_trainable()
         if self.cfg.save_pipeline:
             with sharding.gathered(model, self.deepspeed):
                 frozen = {n: sharding.full_tensor(t) for n, t in model.state_dict().items()}
@@ -829,9 +696,12 @@ class Trainer:
 
         ``full``: the denoiser's gathered state under FSDP or DeepSpeed (else read from the model).
         """
+        from diffattn.io import publish_modes, replace_path
+
         from .card import model_card
 
-        tmp = Path(tempfile.mkdtemp(dir=self.output, prefix=".tmp-final-"))
+        tmp = self.output / f".tmp-final-{os.getpid()}-{time.time_ns()}"
+        tmp.mkdir()
         try:
             model = self.family.denoiser
             if self.has_lora:
@@ -848,11 +718,9 @@ class Trainer:
             )
             if self.cfg.save_pipeline:
                 self.save_pipeline(tmp / PIPELINE_DIR, full)
+            publish_modes(tmp)  # each file renamed into place with the umask's mode
             for f in tmp.iterdir():
-                if f.is_dir():  # a folder cannot be os.replace'd over a non-empty one: move the old aside
-                    _replace_folder(f, self.output / f.name)
-                else:
-                    os.replace(f, self.output / f.name)
+                replace_path(f, self.output / f.name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -873,18 +741,6 @@ class Trainer:
 
 
 PIPELINE_DIR = "pipeline"  # --save-pipeline: output/pipeline/ loads with DiffusionPipeline.from_pretrained
-DEEPSPEED_DIR = "deepspeed"  # in a checkpoint: DeepSpeed's own files (the partitioned optimizer)
-
-
-def _replace_folder(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``; an existing ``dst`` is first moved aside, then removed."""
-    old = None
-    if dst.exists():
-        old = dst.parent / f".tmp-old-{dst.name}-{time.time_ns()}"
-        os.rename(dst, old)
-    os.rename(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _tensorboard(folder: Path) -> Any:

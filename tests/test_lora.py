@@ -150,8 +150,15 @@ def test_checkpoint_write_is_atomic(tmp_path):
     assert list((tmp_path / "checkpoints").iterdir()) == []
     (tmp_path / "checkpoints" / ".tmp-step-000004-1-1").mkdir()  # as a SIGKILL mid-save leaves it
     assert checkpoints.resolve_resume(tmp_path, "latest") is None
-    checkpoints.write_checkpoint(tmp_path, 4, lambda f: (f / "w").write_text("x"), {"step": 4}, total_limit=1)
-    checkpoints.write_checkpoint(tmp_path, 6, lambda f: (f / "w").write_text("y"), {"step": 6}, total_limit=1)
+    def files(folder, x):  # what verify() asks of a checkpoint
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.full((2,), float(x))}, str(folder / "trainable.safetensors"))
+        torch.save({"param_groups": []}, folder / "optimizer.pt")
+        torch.save({}, folder / "lr_scheduler.pt")
+
+    checkpoints.write_checkpoint(tmp_path, 4, lambda f: files(f, 4), {"step": 4}, total_limit=1)
+    checkpoints.write_checkpoint(tmp_path, 6, lambda f: files(f, 6), {"step": 6}, total_limit=1)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000006"]
     assert checkpoints.resolve_resume(tmp_path, "latest").name == "step-000006"
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
@@ -321,6 +328,69 @@ def test_checkpoints_resume_guards_and_extras(tmp_path):
             )
         )
     assert (ckpt / "state.json").is_file() and (out / adapters.LORA_FILE).is_file()  # nothing saved was lost
+
+
+def test_damaged_checkpoints_are_named_and_latest_falls_back(tmp_path, capsys):
+    """Issue 30: each file of the newest checkpoint truncated in turn (and the optimizer's bytes flipped).
+    An explicit ``--resume PATH`` is an error naming the file; ``--resume latest`` warns that it skips the
+    damaged one and resumes the one before (and ends where the uninterrupted run did);
+    ``--no-checkpoint-fallback`` makes it an error; ``diffattn train`` says so in one line, exit code 2."""
+    import re
+    import shutil
+
+    from diffattn.lora import checkpoints
+    from safetensors.torch import load_file
+
+    from diffattn.cli import main as cli_main
+
+    data = write_images(tmp_path / "data")
+    base = tmp_path / "base"
+    kw = {"max_steps": 3, "batch_size": 2, "checkpoint_every": 1, "eval_samples": 0}
+    Trainer(_cfg(data, base, **kw)).train()
+    newest = base / "checkpoints" / "step-000003"
+    names = sorted(p.name for p in newest.iterdir())
+    assert names == ["lr_scheduler.pt", "optimizer.pt", "state.json", "trainable.safetensors"]
+
+    def truncate(f):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+    def flip(f):
+        b = bytearray(f.read_bytes())
+        b[len(b) // 2] ^= 0xFF
+        f.write_bytes(bytes(b))
+
+    cases = [(n, truncate) for n in names] + [("optimizer.pt", flip)]
+    for i, (name, damage) in enumerate(cases):
+        out = tmp_path / f"case{i}"
+        shutil.copytree(base, out)
+        bad = out / "checkpoints" / "step-000003" / name
+        damage(bad)
+        bad_re = re.escape(str(bad))
+        with pytest.raises(checkpoints.CheckpointError, match=f"--resume .*{bad_re}"):
+            Trainer(_cfg(data, out, **kw, resume=str(bad.parent)))
+        with pytest.raises(checkpoints.CheckpointError, match=f"{bad_re}.*no-checkpoint-fallback"):
+            Trainer(_cfg(data, out, **kw, resume="latest", no_checkpoint_fallback=True))
+        with pytest.warns(UserWarning, match=f"skipped 1 damaged checkpoint.*{bad_re}.*resuming from .*step-000002"):
+            trainer = Trainer(_cfg(data, out, **kw, resume="latest"))
+        assert trainer.resume_from == out / "checkpoints" / "step-000002"
+        argv = ["train", "image", "--model", "zoo:sd", "--data", str(data), "--output", str(out), "--cpu",
+                "--resolution", "16", "--max-steps", "3", "--batch-size", "2", "--resume", "latest",
+                "--no-checkpoint-fallback"]
+        capsys.readouterr()
+        assert cli_main(argv) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(bad) in err and "Traceback" not in err, err
+        if i == 0:  # the fallback resumes and ends where the uninterrupted run ended, bit for bit
+            trainer.train()
+            a, b = load_file(str(base / adapters.LORA_FILE)), load_file(str(out / adapters.LORA_FILE))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # every checkpoint damaged: nothing to fall back to
+    out = tmp_path / "all"
+    shutil.copytree(base, out)
+    for ck in (out / "checkpoints").iterdir():
+        truncate(ck / "optimizer.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="no valid checkpoint.*step-000003.*step-000001"):
+        Trainer(_cfg(data, out, **kw, resume="latest"))
 
 
 def test_data_workers_do_not_change_the_result(tmp_path):

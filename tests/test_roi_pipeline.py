@@ -47,7 +47,7 @@ def test_regional_pipeline(name):
     # untrained adapter: the base model's output
     same = _run(rc, name, instances=INSTANCES)
     assert np.abs(same - base).max() <= 1e-6
-    assert diffattn.applied(pipe) is None  # applied for the call only
+    assert diffattn.applied(pipe) == []  # applied for the call only
     _perturb(adapter)
     changed = _run(rc, name, instances=INSTANCES)
     assert np.abs(changed - base).max() > 1e-4 and np.isfinite(changed).all()
@@ -93,7 +93,7 @@ def test_draw_instances():
     assert tuple(out[16, 16]) == (0, 0, 0)  # inside, not on an edge
 
 
-def test_cli_instances(tmp_path):
+def test_cli_instances(tmp_path, capsys):
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps(INSTANCES))
     out = tmp_path / "gen.png"
@@ -111,8 +111,8 @@ def test_cli_instances(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"box": [0.5, 0.1, 0.2, 0.6], "caption": "x"}]))
     assert cli_main(["generate", "--model", "zoo:sd", "--instances", str(bad), "--out", str(out)]) == 2
-    with pytest.raises(SystemExit, match="roi or regional_mask"):
-        cli_main(["generate", "--model", "zoo:sd", "--instances", str(boxes), "--attention", "dense", "--out", str(out)])
+    assert cli_main(["generate", "--model", "zoo:sd", "--instances", str(boxes), "--attention", "dense", "--out", str(out)]) == 2
+    assert "roi or regional_mask" in capsys.readouterr().err  # a user error: one line, status 2
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -153,6 +153,50 @@ def test_roictrl_recipe_trains_resumes_and_loads(tmp_path):
     assert np.abs(_run(rc, "sd", instances=INSTANCES) - base).max() > 0
     mid = load_adapter(tmp_path / "split" / "checkpoints" / "step-000002")
     assert mid.config.layers == a.config.layers
+
+
+def test_roictrl_output_folder_loads_as_written(tmp_path):
+    """Issue 30: the ``roictrl`` recipe's output folder (and its ``roictrl_adapter/`` subfolder) is what
+    ``ROICtrlAdapter.from_pretrained``, ``generate --attention roi --option adapter=...`` and
+    ``diffattn.lora.load`` take; each gives the weights the trainer ended with."""
+    import diffattn.lora
+    from diffattn.lora import TrainConfig
+    from diffattn.lora.trainer import Trainer
+
+    data = _scenes(tmp_path / "scenes")
+    out = tmp_path / "run"
+    trainer = Trainer(TrainConfig(recipe="roictrl", model="zoo:sd", data=str(data), output=str(out), resolution=32,
+                                  cpu=True, max_steps=2, batch_size=2, eval_samples=0, learning_rate=1e-2,
+                                  attention_options={"roi_sizes": (5, 4, 3)}))
+    trainer.train()
+    ref = {k: v.detach().clone() for k, v in trainer.family.denoiser.roictrl_adapter.state_dict().items()}
+    init = ROICtrlAdapter.from_unet(zoo.load("sd").unet, roi_sizes=(5, 4, 3)).state_dict()
+    assert any(not torch.equal(ref[k], init[k]) for k in ref)  # trained away from the init
+
+    def same(adapter):
+        got = adapter.state_dict()
+        return sorted(got) == sorted(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+
+    for folder in (out, out / "roictrl_adapter"):
+        assert same(ROICtrlAdapter.from_pretrained(folder)), folder
+        assert same(ROICtrlAdapter.from_pretrained(str(folder))), folder
+    pipe = zoo.load("sd")
+    diffattn.lora.load(pipe, out)
+    assert same(pipe.unet.roictrl_adapter)
+
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps(INSTANCES))
+    images = []
+    for i, folder in enumerate((out, out / "roictrl_adapter")):
+        png = tmp_path / f"roi{i}.png"
+        args = ["generate", "--model", "zoo:sd", "--instances", str(boxes), "--attention", "roi",
+                "--option", f"adapter={folder}", "--out", str(png)]
+        assert cli_main(args) == 0
+        images.append(np.asarray(Image.open(png)))
+    assert np.array_equal(images[0], images[1])
+    with pytest.raises(ValueError, match="extra_modules.safetensors"):  # a run that has not finished
+        (out / "extra_modules.safetensors").unlink()
+        ROICtrlAdapter.from_pretrained(out)
 
 
 def test_roictrl_gates_train_at_their_own_learning_rate(tmp_path):

@@ -32,8 +32,12 @@ never on N full-size maps.
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +52,11 @@ from ..ops.roi_separable import BoxWindows, roi_align_windows, roi_unpool_window
 __all__ = ["MAX_INSTANCES", "ROIBlockAdapter", "ROICtrlAdapter", "fourier_box_embedding", "layer_key"]
 
 MAX_INSTANCES = 30
+# a ``roictrl`` training run (diffattn.lora) writes the adapter's config into this subfolder of its output
+# and the weights into the output's extra-module file, keyed ``unet.roictrl_adapter.<parameter>``
+RUN_SUBFOLDER = "roictrl_adapter"
+RUN_WEIGHTS = "extra_modules.safetensors"
+_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 CrossAttention = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -315,12 +324,66 @@ class ROICtrlAdapter(ModelMixin, ConfigMixin):
             raise ValueError(f"{type(unet).__name__} has no cross-attention (attn2) layers for ROICtrl")
         return cls(layers=layers, dims=dims, cross_dims=cross, heads=nheads, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any) -> ROICtrlAdapter:
+        """diffusers' ``from_pretrained`` (a ``save_pretrained`` folder or a hub id), and also what a ``roictrl``
+        training run writes, as written: its output folder, or that folder's ``roictrl_adapter/`` subfolder
+        (the config there, the weights in the output's ``extra_modules.safetensors``).
+
+        Raises:
+            ValueError: a training output without its weights file, or weights that do not fit the config.
+        """
+        path = Path(pretrained_model_name_or_path)
+        run = None
+        if path.is_dir() and not args and not kwargs.get("subfolder"):
+            if (path / RUN_SUBFOLDER / "config.json").is_file() and not (path / "config.json").is_file():
+                run = path  # the output folder
+            elif (path / "config.json").is_file() and not any((path / w).is_file() for w in _DIFFUSERS_WEIGHTS):
+                if (path.parent / RUN_WEIGHTS).is_file() or path.name == RUN_SUBFOLDER:
+                    run = path.parent  # its roictrl_adapter/ subfolder
+        if run is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        weights = run / RUN_WEIGHTS
+        if not weights.is_file():
+            raise ValueError(
+                f"{str(path)!r} is a roictrl training folder without {RUN_WEIGHTS} in {str(run)!r}: the run has not "
+                f"finished; load a checkpoint with diffattn.lora.recipe_roictrl.load_adapter(CHECKPOINT_FOLDER)"
+            )
+        adapter = cls.from_training_files(run / RUN_SUBFOLDER / "config.json", weights)
+        dtype = kwargs.get("torch_dtype")
+        return adapter.to(dtype) if dtype is not None else adapter
+
+    @classmethod
+    def from_training_files(cls, config_file: str | os.PathLike, weights_file: str | os.PathLike) -> ROICtrlAdapter:
+        """An adapter from a training run's files: its ``config.json`` (extra keys such as ``stop_fraction``
+        ignored) and a safetensors file whose ``...roictrl_adapter.<parameter>`` keys hold its weights
+        (``extra_modules.safetensors``, or a checkpoint's ``trainable.safetensors``).
+
+        Raises:
+            ValueError: when the file lacks a weight of the adapter the config describes.
+        """
+        from safetensors.torch import load_file
+
+        config = json.loads(Path(config_file).read_text())
+        names = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        adapter = cls(**{k: v for k, v in config.items() if k in names})
+        prefix = RUN_SUBFOLDER + "."
+        state = {k.split(prefix, 1)[1]: v for k, v in load_file(str(weights_file)).items() if prefix in k}
+        missing, _ = adapter.load_state_dict(state, strict=False)
+        if missing:
+            raise ValueError(
+                f"{str(weights_file)!r} lacks {len(missing)} of the weights of the adapter {str(config_file)!r} "
+                f"describes (e.g. {missing[0]})"
+            )
+        return adapter
+
     def block_for(self, layer: str) -> ROIBlockAdapter | None:
         """The branch of the layer named ``layer``, or ``None``."""
         key = layer_key(layer)
         return self.blocks[key] if key in self.blocks else None
 
     def roi_size(self, level: int) -> int:
+        """The ROI grid side at UNet ``level`` (0 = full latent resolution; deeper levels clamp to the last)."""
         sizes = list(self.config.roi_sizes)
         return int(sizes[min(max(level, 0), len(sizes) - 1)])
 

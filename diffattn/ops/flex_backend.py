@@ -12,6 +12,7 @@ never run silently: if compilation fails the error propagates.
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ class FlexStats:
 
 
 STATS = FlexStats()
+_ANNOUNCED: list[bool] = []  # the one-line notice before the first compile is printed once per process
 
 
 def available() -> tuple[bool, str]:
@@ -144,6 +146,14 @@ def flex_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: Blo
         q, k, v = q.detach(), k.detach(), v.detach()
     flex_mask = to_flex_block_mask(bm, q.shape[0], q.shape[1], q.device)
     fn = _compiled_flex()
+    if not STATS.compiles and not STATS.cache_hits and not _ANNOUNCED:
+        _ANNOUNCED.append(True)
+        print(
+            "diffattn: compiling the FlexAttention kernel (first call, about 10-60 s; each new shape "
+            "recompiles in a few seconds)",
+            file=sys.stderr,
+            flush=True,
+        )
     # dynamo's own graph counter tells a real recompile from a cache hit
     graphs_before = counters["stats"]["unique_graphs"]
     t0 = time.perf_counter()

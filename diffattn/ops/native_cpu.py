@@ -45,7 +45,11 @@ def _build() -> Any:
     name = f"diffattn_block_sparse_cpu_{cap.lower()}"
     if not list(Path(_get_build_directory(name, verbose=False)).glob(f"{name}*.so")):
         # a first build is silent for about 30 s: say what is happening
-        print(f"diffattn: building the native CPU attention kernel ({cap}, once per machine)", file=sys.stderr)
+        print(
+            f"diffattn: building the native CPU attention kernel ({cap}); about 30-80 s, once per machine",
+            file=sys.stderr,
+            flush=True,
+        )
     return load(
         name=name,
         sources=[str(_SOURCE)],

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,8 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from .data import DIGIT_SIZE, NUM_CLASSES, DigitsDataset, make_tmp_dir, replace_dir
+from ..io import atomic_path
+from .data import DIGIT_SIZE, NUM_CLASSES, DigitsDataset
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 CLASSIFIER_DIR = WEIGHTS_DIR / "digit-classifier"
@@ -295,13 +295,8 @@ def save_classifier(model: DigitClassifier, out_dir: str | os.PathLike, record: 
     """Write the classifier folder under a temporary name, then rename it into place."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_tmp_dir(out)
-    try:
+    with atomic_path(out, directory=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if record is not None:
             (tmp / TRAINING_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

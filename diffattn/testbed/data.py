@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -560,14 +558,11 @@ def _publish_folder(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    tmp = make_tmp_dir(out)
-    try:
+    from ..io import atomic_path
+
+    with atomic_path(out, directory=True) as tmp:
         total = len(dataset) if hasattr(dataset, "__len__") else None  # type: ignore[arg-type]
         write(tmp, enumerate(tqdm(dataset, total=total, desc=f"writing {out.name}", disable=not progress)))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -575,42 +570,6 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out``, replacing an old one only once the new one is whole."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def make_tmp_dir(out: str | os.PathLike) -> Path:
-    """A fresh hidden folder beside ``out`` (same filesystem, so the final rename is atomic)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-
-
-def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
-    """Atomically publish a finished folder ``tmp`` as ``out`` (used by every testbed writer).
-
-    mkdtemp (and some writers' temp files) are private (0700 / 0600); the published folder gets the
-    permissions a plain mkdir / open would have given.
-    """
-    tmp, mask = Path(tmp), _umask()
-    for p in [tmp, *tmp.rglob("*")]:
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
-    _replace_dir(tmp, Path(out))
 
 
 DATASETS: dict[str, Callable[..., Dataset]] = {

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 
 from ..benchmark import DTYPES
 from ..loading import load
+
 
 def _outputs(out: Any) -> np.ndarray:
     """Pipeline output -> float array (N, H, W, C) for images or (N, F, H, W, C) for videos, in [0, 1]."""

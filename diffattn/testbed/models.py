@@ -44,6 +44,8 @@ from typing import Any
 
 import torch
 from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLWan,
     DDIMScheduler,
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
@@ -55,13 +57,14 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_utils import ModelMixin
 from transformers import CLIPTextModel, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-from .data import NUM_CLASSES, caption_for, make_tmp_dir, replace_dir
+from ..io import atomic_path
+from .data import NUM_CLASSES, caption_for
 
 # imported here, not lazily: from_pretrained loads digits-video's denoiser only from an imported module
 from .xpred_wan import XPredictionWanTransformer3DModel
@@ -71,8 +74,11 @@ TESTBED_FILE = "testbed.json"
 TEXT_LENGTH = 16  # tokens per caption ("a 3, a 7 and a 1" is 11 CLIP tokens with BOS/EOS)
 
 
-class PixelSpaceVAE(ModelMixin, ConfigMixin):
+class PixelSpaceVAE(AutoencoderKL):
     """The identity autoencoder: lets stock latent pipelines (SD, Flux) run in pixel space.
+
+    An ``AutoencoderKL`` by type (the type SD and Flux pipelines declare for ``vae``, so they build it
+    without a warning) that builds none of its layers.
 
     ``encode(x).latent_dist`` is a deterministic distribution at ``x`` and ``decode(z).sample`` is ``z``;
     the config carries what pipelines read (``block_out_channels`` of length 1 -> ``vae_scale_factor``
@@ -90,7 +96,7 @@ class PixelSpaceVAE(ModelMixin, ConfigMixin):
         sample_size: int = 32,
         force_upcast: bool = False,
     ) -> None:
-        super().__init__()
+        ModelMixin.__init__(self)  # not AutoencoderKL's: no encoder or decoder
         if in_channels != latent_channels:
             raise ValueError(f"identity VAE needs in_channels == latent_channels, got {in_channels}, {latent_channels}")
         # one scalar so .dtype / .device / save_pretrained behave like any other model
@@ -107,8 +113,10 @@ class PixelSpaceVAE(ModelMixin, ConfigMixin):
         return self.decode(sample, return_dict=return_dict)
 
 
-class PixelSpaceVideoVAE(ModelMixin, ConfigMixin):
+class PixelSpaceVideoVAE(AutoencoderKLWan):
     """A lossless "video autoencoder" in pixel space with Wan's causal time layout, for ``WanPipeline``.
+
+    An ``AutoencoderKLWan`` by type (what ``WanPipeline`` declares for ``vae``) that builds none of its layers.
 
     Like Wan's VAE, frame 0 is a latent frame of its own and every following group of
     ``scale_factor_temporal`` frames is one latent frame; the group's frames are stacked along channels
@@ -121,6 +129,13 @@ class PixelSpaceVideoVAE(ModelMixin, ConfigMixin):
     moving digits), with a third of the latent values.
     """
 
+    # nothing to tile or slice in pixel space: AutoencoderKLWan's switches would reach for layers this class
+    # never builds (long_video_decoding then says it leaves the VAE unchanged)
+    enable_tiling = None
+    disable_tiling = None
+    enable_slicing = None
+    disable_slicing = None
+
     @register_to_config
     def __init__(
         self,
@@ -132,7 +147,7 @@ class PixelSpaceVideoVAE(ModelMixin, ConfigMixin):
         latents_std: tuple[float, ...] | None = None,
         latent_channels: int | None = None,
     ) -> None:
-        super().__init__()
+        ModelMixin.__init__(self)  # not AutoencoderKLWan's: no encoder or decoder
         if scale_factor_spatial != 1:
             raise ValueError(f"PixelSpaceVideoVAE works in pixel space: scale_factor_spatial must be 1, got {scale_factor_spatial}")
         lc = in_channels if latent_channels is None else latent_channels
@@ -187,19 +202,19 @@ def _seed(seed: int, k: int) -> None:
 
 
 def _clip(seed: int) -> tuple[Any, CLIPTextModel]:
-    from ..zoo import _clip_config, _clip_tokenizer
+    from ..zoo import tiny_clip_config, tiny_clip_tokenizer
 
-    tok = _clip_tokenizer(model_max_length=TEXT_LENGTH)
+    tok = tiny_clip_tokenizer(model_max_length=TEXT_LENGTH)
     _seed(seed, 1)
-    return tok, CLIPTextModel(_clip_config(tok, hidden=32, projection_dim=32)).eval().requires_grad_(False)
+    return tok, CLIPTextModel(tiny_clip_config(tok, hidden=32, projection_dim=32)).eval().requires_grad_(False)
 
 
 def _t5(seed: int) -> tuple[Any, T5EncoderModel]:
-    from ..zoo import _t5_config, _t5_tokenizer
+    from ..zoo import tiny_t5_config, tiny_t5_tokenizer
 
-    tok = _t5_tokenizer(model_max_length=TEXT_LENGTH)
+    tok = tiny_t5_tokenizer(model_max_length=TEXT_LENGTH)
     _seed(seed, 2)
-    return tok, T5EncoderModel(_t5_config(tok, d_model=32)).eval().requires_grad_(False)
+    return tok, T5EncoderModel(tiny_t5_config(tok, d_model=32)).eval().requires_grad_(False)
 
 
 def build_digits_unet(
@@ -307,11 +322,11 @@ def build_digits_video(
     whose network predicts the clean video and returns its velocity, without which a model this narrow
     leaves its tokens' noise in the samples.
     """
-    from ..zoo import _t5_config, _t5_tokenizer
+    from ..zoo import tiny_t5_config, tiny_t5_tokenizer
 
-    tok = _t5_tokenizer(model_max_length=TEXT_LENGTH)
+    tok = tiny_t5_tokenizer(model_max_length=TEXT_LENGTH)
     _seed(seed, 2)
-    text_encoder = UMT5EncoderModel(_t5_config(tok, d_model=32, cls=UMT5Config)).eval().requires_grad_(False)
+    text_encoder = UMT5EncoderModel(tiny_t5_config(tok, d_model=32, cls=UMT5Config)).eval().requires_grad_(False)
     vae = PixelSpaceVideoVAE(z_dim=4, latent_channels=1) if grey else PixelSpaceVideoVAE()
     _seed(seed, 0)
     transformer = (XPredictionWanTransformer3DModel if x_prediction else WanTransformer3DModel)(
@@ -526,8 +541,7 @@ def save(
     if type(pipe).__name__ != spec.pipeline_class:
         raise ValueError(f"{name} is a {spec.pipeline_class}, got a {type(pipe).__name__}")
     out = Path(out_dir)
-    tmp = make_tmp_dir(out)
-    try:
+    with atomic_path(out, directory=True) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         info = {
             "name": spec.name,
@@ -539,10 +553,6 @@ def save(
         (tmp / TESTBED_FILE).write_text(json.dumps(info, indent=2) + "\n")
         for dest, src in (files or {}).items():
             shutil.copyfile(src, tmp / dest)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

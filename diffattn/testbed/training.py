@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -99,17 +98,12 @@ def _export_data(name: str, folder: Path, num_images: int | None) -> tuple[str, 
 
 def _write_init(name: str, seed: int, model_options: dict[str, Any], folder: Path) -> None:
     """The untrained pipeline as a ``save_pretrained`` folder (written whole, then renamed)."""
-    from .data import make_tmp_dir, replace_dir
+    from diffattn.io import atomic_path
 
     pipe = models.build(name, seed=seed, **model_options)
-    tmp = make_tmp_dir(folder)
-    try:
+    with atomic_path(folder, directory=True) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "build.json").write_text(json.dumps({"name": name, "seed": seed, "model_options": model_options}) + "\n")
-        replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _folder_mb(folder: Path) -> float:
