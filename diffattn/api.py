@@ -4,6 +4,13 @@
 it was. ``restore`` puts back the very processor objects that were there and removes only the hooks
 ``apply`` installed (model CPU offload, caching and other diffusers hooks are left alone), so the
 restored pipeline gives bit-identical outputs.
+
+Several methods compose on disjoint layers: one call with per-method options
+(``apply(pipe, {"agent": {...}, "roi": {...}})``) or one call per method. Two methods on one layer are an
+error. Nothing switches a method off silently: when another call replaces processors ``apply`` set
+(``enable_attention_slicing()``, ``fuse_qkv_projections()``, ``set_attn_processor()``), the next forward
+pass refuses to run with an error that names the layers and what to undo, :attr:`AttentionPatch.replaced`
+lists them, and ``restore`` still puts back what was there before ``apply``.
 """
 
 from __future__ import annotations
@@ -16,11 +23,25 @@ from torch.utils.hooks import RemovableHandle
 
 from . import registry
 from .context import AttentionContext, ContextHook
+from .processors import agent, dense, hilbert_local, lamamba, radial, roi
 from .registry import LayerInfo
+
+# The built-in methods, registered here and nowhere else (a method file only defines its Method record).
+BUILTIN_METHODS = (
+    dense.METHOD,
+    agent.METHOD,
+    radial.METHOD,
+    hilbert_local.METHOD,
+    roi.ROI_METHOD,
+    roi.REGIONAL_MASK_METHOD,
+    lamamba.METHOD,
+)
+for _method in BUILTIN_METHODS:
+    registry.register(_method)
 
 # pipeline components that denoise; ControlNets, VAEs and text encoders keep their attention
 DENOISER_COMPONENTS = ("unet", "transformer", "transformer_2")
-_MARK = "_diffattn_patch"
+_PATCHES = "_diffattn_patches"  # on each denoiser: its active patches, in order
 
 
 def _is_pipeline(obj: Any) -> bool:
@@ -67,35 +88,97 @@ def _set(module: nn.Module, processor: Any) -> None:
         module.processor = processor
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two patches are never "equal"
 class AttentionPatch:
-    """What ``apply`` did; ``remove()`` (or leaving a ``with`` block) undoes it exactly."""
+    """What one method's ``apply`` did; ``remove()`` (or leaving a ``with`` block) undoes it exactly.
+
+    Attributes:
+        method: the method's name.
+        config: its config dataclass.
+        context: the per-call :class:`~diffattn.AttentionContext` its processors read.
+        skipped: ``(layer, why)`` for the attention layers the method left as they were.
+    """
 
     method: str
     config: Any
     context: AttentionContext
-    saved: list[tuple[nn.Module, str, nn.Module, Any]] = field(default_factory=list)  # model, name, layer, old
+    saved: list[tuple[nn.Module, str, nn.Module, Any, Any]] = field(default_factory=list)  # model, name, layer, old, new
     hooks: list[RemovableHandle] = field(default_factory=list)
     models: list[nn.Module] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
     active: bool = True
 
     @property
     def layers(self) -> list[str]:
         """Qualified names of the layers whose processor was replaced."""
-        return [f"{type(model).__name__}.{name}" for model, name, _, _ in self.saved]
+        return [f"{type(model).__name__}.{name}" for model, name, _, _, _ in self.saved]
+
+    @property
+    def replaced(self) -> list[str]:
+        """Layers whose processor is no longer the one ``apply`` set (another call replaced it)."""
+        if not self.active:
+            return []
+        return [f"{type(model).__name__}.{name}" for model, name, layer, _, new in self.saved if layer.processor is not new]
+
+    def summary(self) -> str:
+        """One line per attention layer: the method, its processor and, once it has run, the backend and
+        mask density of its last call; or ``dense: why`` for the layers it left alone."""
+        lines = [self.headline()]
+        replaced = set(self.replaced)
+        for model, name, layer, _, new in self.saved:
+            qual = f"{type(model).__name__}.{name}"
+            if qual in replaced:
+                what = f"replaced by {type(layer.processor).__name__} after apply (restore, then apply again)"
+            else:
+                describe = getattr(new, "describe", None)
+                facts = describe() if callable(describe) else ""
+                what = f"{self.method}: {type(new).__name__}" + (f", {facts}" if facts else "")
+            lines.append(f"  {qual}  {what}")
+        lines.extend(f"  {qual}  dense: {why}" for qual, why in self.skipped)
+        return "\n".join(lines)
+
+    def headline(self) -> str:
+        """One line: how many layers run the method and why the others do not (the CLI prints it)."""
+        state = "" if self.active else " (removed)"
+        reasons: dict[str, int] = {}
+        for _, why in self.skipped:
+            reasons[why] = reasons.get(why, 0) + 1
+        left = ", ".join(f"{n} {why}" for why, n in reasons.items())
+        return f"diffattn {self.method!r}{state}: {len(self.saved)} layers" + (f"; dense: {left}" if left else "")
 
     def remove(self) -> None:
+        """Put back the processors that were there before ``apply`` and remove its hooks (idempotent)."""
         if not self.active:
             return
-        for _, _, layer, old in reversed(self.saved):
+        for _, _, layer, old, _ in reversed(self.saved):
             _set(layer, old)
         for h in self.hooks:
             h.remove()
         for model in self.models:
-            if getattr(model, _MARK, None) is self:
-                delattr(model, _MARK)
-            _forget_names(model)
+            patches = [p for p in getattr(model, _PATCHES, []) if p is not self]
+            if patches:
+                setattr(model, _PATCHES, patches)
+            else:
+                if _PATCHES in model.__dict__:
+                    delattr(model, _PATCHES)
+                _forget_names(model)  # the names are shared by every patch on the model
         self.active = False
+
+    def check_intact(self) -> None:
+        """Raise when another call replaced processors this patch set (the forward pre-hook calls this).
+
+        Raises:
+            RuntimeError: naming the layers, the method and what to undo.
+        """
+        replaced = self.replaced
+        if replaced:
+            shown = ", ".join(replaced[:3]) + (f" and {len(replaced) - 3} more" if len(replaced) > 3 else "")
+            raise RuntimeError(
+                f"diffattn method {self.method!r}: the processors of {len(replaced)} layer(s) ({shown}) were replaced "
+                "after diffattn.apply, e.g. by enable_attention_slicing(), fuse_qkv_projections() or "
+                "set_attn_processor(); undo that call (unfuse_qkv_projections(), disable_attention_slicing()), or "
+                "call diffattn.restore(...) and apply again"
+            )
 
     def __enter__(self) -> AttentionPatch:
         return self
@@ -108,6 +191,48 @@ class AttentionPatch:
         return f"AttentionPatch(method={self.method!r}, layers={len(self.saved)}, {state})"
 
 
+@dataclass(eq=False)
+class PatchGroup:
+    """The patches of one ``apply`` call with several methods; removed together, in reverse order."""
+
+    patches: list[AttentionPatch]
+
+    @property
+    def active(self) -> bool:
+        """Whether any of the patches is still applied."""
+        return any(p.active for p in self.patches)
+
+    @property
+    def layers(self) -> list[str]:
+        """Every layer the group's methods changed."""
+        return [layer for p in self.patches for layer in p.layers]
+
+    def summary(self) -> str:
+        """The summaries of the patches, one after the other."""
+        return "\n".join(p.summary() for p in self.patches)
+
+    def remove(self) -> None:
+        """Remove every patch of the group (idempotent)."""
+        for p in reversed(self.patches):
+            p.remove()
+
+    def __enter__(self) -> PatchGroup:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+class _IntactCheck:
+    """Forward pre-hook: refuse to run a denoiser whose diffattn processors were replaced behind our back."""
+
+    def __init__(self, patch: AttentionPatch) -> None:
+        self.patch = patch
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.patch.check_intact()
+
+
 def _forget_names(model: nn.Module) -> None:
     from .processors.families import FAMILY_ATTR, NAME_ATTR, TEXT_ONLY_ATTR
 
@@ -117,110 +242,187 @@ def _forget_names(model: nn.Module) -> None:
                 delattr(m, attr)
 
 
-def apply(pipe_or_model: Any, method: str, **options: Any) -> AttentionPatch:
-    """Set ``method``'s attention processors on a pipeline or a bare denoiser.
+def _uses_fused_qkv(layer: nn.Module) -> bool:
+    """Whether the layer computes q/k/v from fused weights right now. Classic ``Attention`` modules keep
+    ``to_qkv`` after ``unfuse_qkv_projections()`` (only the processors go back), so there the processor
+    decides; the newer attention classes (Flux, Wan) read their ``fused_projections`` flag."""
+    from diffusers.models.attention_processor import Attention
 
-    Args:
-        pipe_or_model: a diffusers pipeline (its ``unet`` / ``transformer`` / ``transformer_2`` are
-            patched) or a denoiser ``nn.Module``.
-        method: a name from :func:`diffattn.methods`.
-        **options: fields of the method's config dataclass.
+    if type(layer.processor).__name__.startswith("Fused"):
+        return True
+    if isinstance(layer, Attention):
+        return False
+    return bool(getattr(layer, "fused_projections", False))
 
-    Returns:
-        An :class:`AttentionPatch`; also a context manager.
 
-    Raises:
-        ValueError: unknown method, already applied, fused projections, or no layer the method supports.
-        TypeError: an option the method does not have (the message lists the valid ones).
-    """
-    spec = registry.get(method)
-    config = spec.build_config(options)
-    from .processors.core import set_processor_names, track_text_len
+@dataclass
+class _Plan:
+    method: str
+    config: Any
+    context: AttentionContext
+    changes: list[tuple[nn.Module, str, nn.Module, Any, Any]]
+    skipped: list[tuple[str, str]]
+
+
+def _plan(models: list[tuple[str, nn.Module]], method: str, options: dict[str, Any]) -> _Plan:
+    """What ``method`` would change, checked, without touching the models."""
     from .processors.families import family_of_processor
 
-    models = denoisers(pipe_or_model)
-    for comp, model in models:
-        if getattr(model, _MARK, None) is not None:
-            raise ValueError(
-                f"diffattn method {getattr(model, _MARK).method!r} is already applied to {comp}; "
-                "call diffattn.restore(...) (or patch.remove()) before applying another"
-            )
-
+    spec = registry.get(method)
+    config = spec.build_config(options)
     ctx = AttentionContext()
-    plan: list[tuple[nn.Module, str, nn.Module, Any, Any]] = []
+    # a layer another patch holds is judged by the processor that patch replaced (the clash is found later)
+    stock = {id(layer): old for _, model in models for p in getattr(model, _PATCHES, []) for _, _, layer, old, _ in p.saved}
+    changes: list[tuple[nn.Module, str, nn.Module, Any, Any]] = []
+    skipped: list[tuple[str, str]] = []
     seen_classes, any_layers = [], False
     for _, model in models:
         seen_classes.append(type(model).__name__)
         for name, layer in _attention_layers(model):
             any_layers = True
-            old = layer.processor
+            qual = f"{type(model).__name__}.{name}"
+            old = stock.get(id(layer), layer.processor)
             family = family_of_processor(old)
-            if family is None or family not in spec.families:
+            if family is None:
+                skipped.append((qual, f"{type(old).__name__} is not a stock processor diffattn knows"))
+                continue
+            if family not in spec.families:
+                skipped.append((qual, f"{method} does not support the {family!r} attention family"))
                 continue
             info = LayerInfo(name=name, module=layer, family=family, model=type(model).__name__, is_cross=_is_cross(layer))
             new = spec.make_processor(config, ctx, info)
             if new is None:
+                skipped.append((qual, "cross-attention" if info.is_cross else f"{method} leaves this layer"))
                 continue
-            if getattr(layer, "fused_projections", False) or getattr(layer, "to_qkv", None) is not None:
+            if _uses_fused_qkv(layer):
                 raise ValueError(
                     f"layer {name} of {type(model).__name__} has fused QKV projections; call "
                     "unfuse_qkv_projections() on the model before diffattn.apply"
                 )
-            plan.append((model, name, layer, old, new))
+            changes.append((model, name, layer, old, new))
     if not any_layers:
         raise ValueError(f"{seen_classes} have no attention processors; diffattn patches diffusers attention layers")
-    if not plan:
+    if not changes:
         supported = ", ".join(spec.models) if spec.models else f"models whose attention families are {list(spec.families)}"
         raise ValueError(
             f"method {method!r} does not support {seen_classes}: no layer it applies to. Supported: {supported}"
         )
+    return _Plan(method, config, ctx, changes, skipped)
+
+
+def _check_disjoint(plans: list[_Plan], models: list[tuple[str, nn.Module]]) -> None:
+    """Two methods on one layer is an error naming the layers and both methods."""
+    holder: dict[int, str] = {}  # id(layer) -> who holds it
+    for _, model in models:
+        for patch in getattr(model, _PATCHES, []):
+            for _, _, layer, _, _ in patch.saved:
+                holder[id(layer)] = f"diffattn method {patch.method!r} (already applied)"
+    for plan in plans:
+        clash = [(f"{type(m).__name__}.{n}", holder[id(layer)]) for m, n, layer, _, _ in plan.changes if id(layer) in holder]
+        if clash:
+            shown = ", ".join(name for name, _ in clash[:3]) + (f" and {len(clash) - 3} more" if len(clash) > 3 else "")
+            raise ValueError(
+                f"method {plan.method!r} would take {len(clash)} layer(s) that {clash[0][1]} holds ({shown}); "
+                "two methods cannot share a layer: call diffattn.restore(...) (or patch.remove()) first, "
+                "or give the methods disjoint layers"
+            )
+        for _, _, layer, _, _ in plan.changes:
+            holder[id(layer)] = f"method {plan.method!r} of this call"
+
+
+def _install(plan: _Plan, models: list[tuple[str, nn.Module]], pipe: Any) -> AttentionPatch:
+    from .processors.core import set_processor_names, track_text_len
 
     # models are listed up front so a failure half-way is undone completely by remove()
-    patch = AttentionPatch(method=method, config=config, context=ctx, models=[m for _, m in models])
+    patch = AttentionPatch(
+        method=plan.method, config=plan.config, context=plan.context, models=[m for _, m in models],
+        skipped=plan.skipped,
+    )
     try:
         for _, model in models:
-            # names, stock families and the HunyuanVideo refiner's text-only flag, read before replacing
-            set_processor_names(model)
-        for model, name, layer, old, new in plan:
+            if not getattr(model, _PATCHES, None):
+                # names, stock families and the HunyuanVideo refiner's text-only flag, read before replacing
+                set_processor_names(model)
+        for model, name, layer, old, new in plan.changes:
             _set(layer, new)
-            patch.saved.append((model, name, layer, old))
-        pipe = pipe_or_model if _is_pipeline(pipe_or_model) else None
-        hook = ContextHook(ctx, pipe)
+            patch.saved.append((model, name, layer, old, new))
+        hook = ContextHook(plan.context, pipe)
         for _, model in models:
+            patch.hooks.append(model.register_forward_pre_hook(_IntactCheck(patch), with_kwargs=True))
             patch.hooks.append(model.register_forward_pre_hook(hook, with_kwargs=True))
             # single-stream Flux blocks learn their text length from a block-level hook
             patch.hooks.extend(track_text_len(model))
-            setattr(model, _MARK, patch)
+            setattr(model, _PATCHES, [*getattr(model, _PATCHES, []), patch])
     except BaseException:
         patch.remove()
         raise
     return patch
 
 
+def apply(pipe_or_model: Any, method: str | dict[str, dict[str, Any]], **options: Any) -> AttentionPatch | PatchGroup:
+    """Set ``method``'s attention processors on a pipeline or a bare denoiser.
+
+    Args:
+        pipe_or_model: a diffusers pipeline (its ``unet`` / ``transformer`` / ``transformer_2`` are
+            patched) or a denoiser ``nn.Module``.
+        method: a name from :func:`diffattn.methods`, or ``{name: options}`` for several methods on
+            disjoint layers in one call.
+        **options: fields of the method's config dataclass (with a single method name).
+
+    Returns:
+        An :class:`AttentionPatch` (a :class:`PatchGroup` for several methods); also a context manager.
+
+    Raises:
+        ValueError: unknown method, a layer another method holds, fused projections, or no layer the
+            method supports. Nothing is applied then.
+        TypeError: an option the method does not have (the message lists the valid ones).
+    """
+    if isinstance(method, dict):
+        if options:
+            raise TypeError("with several methods, give each its options in the dict: {name: {option: value}}")
+        if not method or not all(isinstance(o, dict) for o in method.values()):
+            raise TypeError(f"method must be a name or a non-empty {{name: {{options}}}} dict, got {method!r}")
+        requests = list(method.items())
+    else:
+        requests = [(method, options)]
+    models = denoisers(pipe_or_model)
+    plans = [_plan(models, name, opts) for name, opts in requests]
+    _check_disjoint(plans, models)
+    pipe = pipe_or_model if _is_pipeline(pipe_or_model) else None
+    patches: list[AttentionPatch] = []
+    try:
+        for plan in plans:
+            patches.append(_install(plan, models, pipe))
+    except BaseException:
+        for p in reversed(patches):
+            p.remove()
+        raise
+    return patches[0] if not isinstance(method, dict) else PatchGroup(patches)
+
+
 def restore(target: Any) -> None:
-    """Undo ``apply`` on a pipeline, a denoiser, or an :class:`AttentionPatch`.
+    """Undo ``apply`` on a pipeline, a denoiser, an :class:`AttentionPatch` or a :class:`PatchGroup`:
+    every active patch, newest first.
 
     Raises:
         ValueError: when nothing diffattn applied is found on ``target``.
     """
-    if isinstance(target, AttentionPatch):
+    if isinstance(target, AttentionPatch | PatchGroup):
         target.remove()
         return
-    patches = []
-    for _, model in denoisers(target):
-        p = getattr(model, _MARK, None)
-        if p is not None and p not in patches:
-            patches.append(p)
+    patches = applied(target)
     if not patches:
         raise ValueError(f"no diffattn method is applied to this {type(target).__name__}")
-    for p in patches:
+    for p in reversed(patches):
         p.remove()
 
 
-def applied(target: Any) -> AttentionPatch | None:
-    """The active patch on a pipeline or denoiser, if any."""
+def applied(target: Any) -> list[AttentionPatch]:
+    """Every active patch on a pipeline or denoiser, oldest first (empty when none). A patch whose
+    processors another call replaced is still listed; its :attr:`AttentionPatch.replaced` names them."""
+    found: list[AttentionPatch] = []
     for _, model in denoisers(target):
-        p = getattr(model, _MARK, None)
-        if p is not None:
-            return p
-    return None
+        for p in getattr(model, _PATCHES, []):
+            if p not in found:
+                found.append(p)
+    return found

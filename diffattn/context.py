@@ -76,8 +76,68 @@ class AttentionContext:
         raise ValueError(f"{n_visual} visual tokens match no downsampling of the recorded grid {self.grid}")
 
     def reset(self) -> None:
+        """Forget everything recorded (the state of a fresh context)."""
         self.grid, self.n_text, self.text_position, self.text_valid = None, 0, None, None
         self.step_index, self.num_steps, self.timestep, self.model = None, None, None, None
+
+
+def given_grid(
+    num_frames: int | None, height: int | None, width: int | None, *, with_frames: bool = False
+) -> Grid | None:
+    """The token grid a processor set by hand was given (tokens after patchify), checked; ``None`` if none.
+
+    ``height`` and ``width`` come together; with ``with_frames`` ``num_frames`` must come with them,
+    otherwise it defaults to 1.
+
+    Raises:
+        ValueError: a size given alone, or one that is not an integer >= 1.
+    """
+    if with_frames:
+        given = [x is not None for x in (num_frames, height, width)]
+        if any(given) and not all(given):
+            raise ValueError("give num_frames, height and width together (tokens after patchify), or none of them")
+    elif (height is None) != (width is None):
+        raise ValueError("give height and width together (tokens after patchify), or neither")
+    if height is None:
+        return None
+    for name, value in (("num_frames", num_frames), ("height", height), ("width", width)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return (num_frames or 1, height, width)
+
+
+def recorded_grid(own: Grid | None, context: AttentionContext | None, method: str) -> Grid:
+    """The denoiser-input token grid: the one given by hand, else the one ``apply``'s hook recorded.
+
+    Raises:
+        ValueError: neither is known (says how to give one).
+    """
+    grid = own if own is not None else (context.grid if context is not None else None)
+    if grid is None:
+        raise ValueError(
+            f"{method} attention needs the token grid: use diffattn.apply(pipe, {method!r}, ...), or pass "
+            "num_frames/height/width (tokens after patchify) to the processor"
+        )
+    return grid
+
+
+def layer_grid(n_visual: int, own: Grid | None, context: AttentionContext | None, method: str) -> Grid:
+    """The grid of a layer with ``n_visual`` visual tokens: the given or recorded grid, downsampled to
+    the layer's UNet level; with neither known, a square single-frame grid.
+
+    Raises:
+        ValueError: no level of the grid has ``n_visual`` tokens, or (without a grid) ``n_visual`` is not
+            a square.
+    """
+    if own is None and (context is None or context.grid is None):
+        side = math.isqrt(n_visual)
+        if side * side != n_visual:
+            raise ValueError(
+                f"{method}: cannot infer a token grid from {n_visual} tokens (not a square); pass height= and "
+                "width= (the token grid at the model input) or use diffattn.apply, which records it"
+            )
+        return (1, side, side)
+    return AttentionContext(grid=recorded_grid(own, context, method)).grid_for(n_visual)
 
 
 def _arg(args: tuple, kwargs: dict, name: str, position: int) -> Any:

@@ -13,6 +13,20 @@ from typing import Any
 
 import torch
 
+__all__ = [
+    "DEFAULT_MODEL",
+    "TESTBED_PREFIX",
+    "ZOO_PREFIX",
+    "ModelSource",
+    "call_kwargs",
+    "is_hub_id",
+    "load",
+    "load_pipeline",
+    "parse_options",
+    "testbed_name",
+    "zoo_name",
+]
+
 ZOO_PREFIX = "zoo:"
 TESTBED_PREFIX = "testbed:"
 # the digits UNet trained here and shipped with the package (see `diffattn testbed list`)

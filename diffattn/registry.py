@@ -1,4 +1,9 @@
-"""The method registry: each method file registers its name, config, layers and processor here."""
+"""The method contract and registry: a method's name, config, layers and processor.
+
+The built-in methods are registered in one place, :mod:`diffattn.api`, which the package root names as
+the loader of the built-ins: the first lookup (:func:`get`, :func:`methods`, :func:`all_methods`) imports
+it, so ``import diffattn`` and the CLI's ``--help`` stay light. A third-party method calls :func:`register`.
+"""
 
 from __future__ import annotations
 
@@ -56,6 +61,7 @@ class Method:
     attention: Callable[..., Any] | None = None
 
     def build_config(self, options: dict[str, Any]) -> Any:
+        """The method's config from ``diffattn.apply``'s options (checked: unknown names list the valid ones)."""
         return check_options(self.config, options, f"method {self.name!r}")(**options)
 
 
@@ -72,10 +78,46 @@ def check_options(config_cls: type, options: dict[str, Any], owner: str) -> type
     return config_cls
 
 
+def config_from(config_cls: type, config: Any, options: dict[str, Any], owner: str) -> Any:
+    """A processor's config from what its caller passed: ``config``, ``**options``, or both (the options
+    then override fields of ``config``).
+
+    Raises:
+        TypeError: an unknown option (the valid ones listed), or a ``config`` of another class.
+    """
+    check_options(config_cls, options, owner)
+    if config is None:
+        return config_cls(**options)
+    if not isinstance(config, config_cls):
+        raise TypeError(f"config of {owner} must be a {config_cls.__name__}, got {type(config).__name__}")
+    return dataclasses.replace(config, **options) if options else config
+
+
 _METHODS: dict[str, Method] = {}
+_builtin_loader: Callable[[], Any] | None = None
+
+
+def set_builtin_loader(loader: Callable[[], Any]) -> None:
+    """Name what registers the built-in methods (the package root passes the import of ``diffattn.api``);
+    it runs once, at the first lookup."""
+    global _builtin_loader
+    _builtin_loader = loader
+
+
+def _load_builtins() -> None:
+    global _builtin_loader
+    if _builtin_loader is not None:
+        loader, _builtin_loader = _builtin_loader, None
+        loader()
 
 
 def register(method: Method) -> Method:
+    """Add ``method`` to the registry so ``diffattn.apply(pipe, method.name)`` finds it.
+
+    Raises:
+        ValueError: a method of that name is already registered.
+        TypeError: ``method.config`` is not a dataclass.
+    """
     if method.name in _METHODS:
         raise ValueError(f"method {method.name!r} is already registered")
     if not dataclasses.is_dataclass(method.config):
@@ -84,13 +126,13 @@ def register(method: Method) -> Method:
     return method
 
 
-def _load_builtin_methods() -> None:
-    # importing the processors package runs each method file's register() call
-    from . import processors  # noqa: F401
-
-
 def get(name: str) -> Method:
-    _load_builtin_methods()
+    """The registered method ``name``.
+
+    Raises:
+        ValueError: an unknown name (the message lists the registered ones).
+    """
+    _load_builtins()
     if not isinstance(name, str) or name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; available methods: {methods()}")
     return _METHODS[name]
@@ -98,10 +140,11 @@ def get(name: str) -> Method:
 
 def methods() -> list[str]:
     """Names of the registered methods."""
-    _load_builtin_methods()
+    _load_builtins()
     return sorted(_METHODS)
 
 
 def all_methods() -> list[Method]:
-    _load_builtin_methods()
+    """Every registered method, sorted by name."""
+    _load_builtins()
     return [_METHODS[n] for n in sorted(_METHODS)]

@@ -177,7 +177,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def _clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+def tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     """Byte-level BPE CLIP tokenizer: 256 bytes (+ ``</w>`` forms), merges making each of ``_WORDS`` one
     token, and the two specials."""
     alphabet = list(_bytes_to_unicode().values())
@@ -193,7 +193,7 @@ def _clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def _t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
+def tiny_t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
     """Unigram T5 tokenizer over printable ASCII and a few whole words (no sentinel tokens)."""
     pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
     chars = string.ascii_letters + string.digits + string.punctuation
@@ -227,7 +227,8 @@ def _llama_tokenizer(model_max_length: int = 2048) -> LlamaTokenizer:
 # --------------------------------------------------------------------------------------------------
 
 
-def _clip_config(tok: CLIPTokenizer, hidden: int = 32, projection_dim: int = 32) -> CLIPTextConfig:
+def tiny_clip_config(tok: CLIPTokenizer, hidden: int = 32, projection_dim: int = 32) -> CLIPTextConfig:
+    """A tiny CLIP text-encoder config over :func:`tiny_clip_tokenizer`'s vocabulary."""
     return CLIPTextConfig(
         vocab_size=_VOCAB_SIZE,
         hidden_size=hidden,
@@ -244,7 +245,8 @@ def _clip_config(tok: CLIPTokenizer, hidden: int = 32, projection_dim: int = 32)
     )
 
 
-def _t5_config(tok: T5Tokenizer, d_model: int = 32, cls: type = T5Config) -> T5Config:
+def tiny_t5_config(tok: T5Tokenizer, d_model: int = 32, cls: type = T5Config) -> T5Config:
+    """A tiny T5 (or ``cls``: UMT5) encoder config over :func:`tiny_t5_tokenizer`'s vocabulary."""
     return cls(
         vocab_size=_VOCAB_SIZE,
         d_model=d_model,
@@ -311,9 +313,9 @@ def _sd_scheduler() -> DDIMScheduler:
 
 
 def _sd_parts(seed: int) -> dict[str, Any]:
-    tok = _clip_tokenizer()
+    tok = tiny_clip_tokenizer()
     _seed(seed, 1)
-    text_encoder = CLIPTextModel(_clip_config(tok))
+    text_encoder = CLIPTextModel(tiny_clip_config(tok))
     _seed(seed, 2)
     vae = _vae_kl(4, scaling_factor=0.18215)
     return {
@@ -353,7 +355,7 @@ def _build_sd_controlnet(seed: int) -> DiffusionPipeline:
 
 
 def _build_sdxl(seed: int) -> DiffusionPipeline:
-    tok, tok_2 = _clip_tokenizer(), _clip_tokenizer()
+    tok, tok_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
     _seed(seed, 0)
     unet = UNet2DConditionModel(
         sample_size=16,
@@ -374,9 +376,9 @@ def _build_sdxl(seed: int) -> DiffusionPipeline:
         norm_num_groups=8,
     )
     _seed(seed, 1)
-    text_encoder = CLIPTextModel(_clip_config(tok))
+    text_encoder = CLIPTextModel(tiny_clip_config(tok))
     _seed(seed, 2)
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tok_2))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_config(tok_2))
     _seed(seed, 3)
     vae = _vae_kl(4, scaling_factor=0.13025, force_upcast=False)
     scheduler = EulerDiscreteScheduler(
@@ -399,7 +401,7 @@ def _build_sdxl(seed: int) -> DiffusionPipeline:
 
 
 def _build_sd3(seed: int) -> DiffusionPipeline:
-    tok, tok_2, tok_3 = _clip_tokenizer(), _clip_tokenizer(), _t5_tokenizer()
+    tok, tok_2, tok_3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(), tiny_t5_tokenizer()
     _seed(seed, 0)
     transformer = SD3Transformer2DModel(
         sample_size=16,
@@ -415,11 +417,11 @@ def _build_sd3(seed: int) -> DiffusionPipeline:
         pos_embed_max_size=32,
     )
     _seed(seed, 1)
-    text_encoder = CLIPTextModelWithProjection(_clip_config(tok))
+    text_encoder = CLIPTextModelWithProjection(tiny_clip_config(tok))
     _seed(seed, 2)
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tok_2))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_config(tok_2))
     _seed(seed, 3)
-    text_encoder_3 = T5EncoderModel(_t5_config(tok_3, d_model=64))
+    text_encoder_3 = T5EncoderModel(tiny_t5_config(tok_3, d_model=64))
     _seed(seed, 4)
     vae = _vae_kl(
         16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False
@@ -438,7 +440,7 @@ def _build_sd3(seed: int) -> DiffusionPipeline:
 
 
 def _build_pixart(seed: int) -> DiffusionPipeline:
-    tok = _t5_tokenizer()
+    tok = tiny_t5_tokenizer()
     _seed(seed, 0)
     transformer = PixArtTransformer2DModel(
         sample_size=16,
@@ -458,7 +460,7 @@ def _build_pixart(seed: int) -> DiffusionPipeline:
         norm_eps=1e-6,
     )
     _seed(seed, 1)
-    text_encoder = T5EncoderModel(_t5_config(tok, d_model=32))
+    text_encoder = T5EncoderModel(tiny_t5_config(tok, d_model=32))
     _seed(seed, 2)
     vae = _vae_kl(4, scaling_factor=0.18215)
     return PixArtAlphaPipeline(
@@ -471,7 +473,7 @@ def _build_pixart(seed: int) -> DiffusionPipeline:
 
 
 def _build_flux(seed: int) -> DiffusionPipeline:
-    tok, tok_2 = _clip_tokenizer(), _t5_tokenizer()
+    tok, tok_2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     _seed(seed, 0)
     transformer = FluxTransformer2DModel(
         patch_size=1,
@@ -486,9 +488,9 @@ def _build_flux(seed: int) -> DiffusionPipeline:
         axes_dims_rope=(4, 6, 6),
     )
     _seed(seed, 1)
-    text_encoder = CLIPTextModel(_clip_config(tok))
+    text_encoder = CLIPTextModel(tiny_clip_config(tok))
     _seed(seed, 2)
-    text_encoder_2 = T5EncoderModel(_t5_config(tok_2, d_model=32))
+    text_encoder_2 = T5EncoderModel(tiny_t5_config(tok_2, d_model=32))
     _seed(seed, 3)
     vae = _vae_kl(
         16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
@@ -544,9 +546,9 @@ def _wan_transformer(seed: int, k: int, **kw: Any) -> WanTransformer3DModel:
 
 
 def _wan_text(seed: int, k: int) -> tuple[T5Tokenizer, UMT5EncoderModel]:
-    tok = _t5_tokenizer()
+    tok = tiny_t5_tokenizer()
     _seed(seed, k)
-    return tok, UMT5EncoderModel(_t5_config(tok, d_model=32, cls=UMT5Config))
+    return tok, UMT5EncoderModel(tiny_t5_config(tok, d_model=32, cls=UMT5Config))
 
 
 def _wan_scheduler() -> UniPCMultistepScheduler:
@@ -606,7 +608,7 @@ def _build_wan_i2v(seed: int) -> DiffusionPipeline:
 
 
 def _build_hunyuan_video(seed: int) -> DiffusionPipeline:
-    tok, tok_2 = _llama_tokenizer(), _clip_tokenizer()
+    tok, tok_2 = _llama_tokenizer(), tiny_clip_tokenizer()
     _seed(seed, 0)
     transformer = HunyuanVideoTransformer3DModel(
         in_channels=16,
@@ -655,7 +657,7 @@ def _build_hunyuan_video(seed: int) -> DiffusionPipeline:
         )
     )
     _seed(seed, 3)
-    text_encoder_2 = CLIPTextModel(_clip_config(tok_2))
+    text_encoder_2 = CLIPTextModel(tiny_clip_config(tok_2))
     return HunyuanVideoPipeline(
         text_encoder=text_encoder,
         tokenizer=tok,
@@ -668,7 +670,7 @@ def _build_hunyuan_video(seed: int) -> DiffusionPipeline:
 
 
 def _build_mochi(seed: int) -> DiffusionPipeline:
-    tok = _t5_tokenizer()
+    tok = tiny_t5_tokenizer()
     _seed(seed, 0)
     transformer = MochiTransformer3DModel(
         patch_size=2,
@@ -694,7 +696,7 @@ def _build_mochi(seed: int) -> DiffusionPipeline:
         layers_per_block=(1, 1, 1, 1, 1),
     )  # spatial factor 8, temporal factor 6
     _seed(seed, 2)
-    text_encoder = T5EncoderModel(_t5_config(tok, d_model=32))
+    text_encoder = T5EncoderModel(tiny_t5_config(tok, d_model=32))
     return MochiPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
@@ -705,7 +707,7 @@ def _build_mochi(seed: int) -> DiffusionPipeline:
 
 
 def _build_cogvideox(seed: int) -> DiffusionPipeline:
-    tok = _t5_tokenizer()
+    tok = tiny_t5_tokenizer()
     _seed(seed, 0)
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=4,
@@ -735,7 +737,7 @@ def _build_cogvideox(seed: int) -> DiffusionPipeline:
         temporal_compression_ratio=4,
     )
     _seed(seed, 2)
-    text_encoder = T5EncoderModel(_t5_config(tok, d_model=32))
+    text_encoder = T5EncoderModel(tiny_t5_config(tok, d_model=32))
     scheduler = CogVideoXDDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

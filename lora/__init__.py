@@ -16,7 +16,7 @@ _EXPORTS = {
     "TrainResult": "trainer",
     "Trainer": "trainer",
     "train": "trainer",
-    "Recipe": "recipes",
+    "Recipe": "recipe",
     "register_recipe": "recipes",
     "get_recipe": "recipes",
     "recipe_names": "recipes",

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .recipes import Recipe, register_recipe
+from .recipe import Recipe
 
 LR_RATIO = 4  # HR/LR side ratio while training (1024 px images, 256 px LR)
 _LR_KEY = "lr_hidden_states"
@@ -105,16 +105,14 @@ def condition(trainer: Any, batch: dict[str, Any], cond: dict[str, Any]) -> dict
     return cond
 
 
-register_recipe(
-    Recipe(
-        name="high-res",
-        description="Scale-DiT LoRA bridge: Flux learns to use clean LR tokens (scaled anchors) under hilbert_local",
-        data="image",
-        lora_targets=("to_q", "to_k", "to_v", "to_out.0", "x_embedder", "norm1.linear", "norm.linear",
-                      "ff.net.0.proj", "ff.net.2", "proj_mlp", "proj_out"),
-        attention=("hilbert_local", {"radius": 8, "lr_mode": "all"}),
-        defaults={"resolution": 1024},
-        prepare=prepare,
-        condition=condition,
-    )
+RECIPE = Recipe(
+    name="high-res",
+    description="Scale-DiT LoRA bridge: Flux learns to use clean LR tokens (scaled anchors) under hilbert_local",
+    data="image",
+    lora_targets=("to_q", "to_k", "to_v", "to_out.0", "x_embedder", "norm1.linear", "norm.linear",
+                  "ff.net.0.proj", "ff.net.2", "proj_mlp", "proj_out"),
+    attention=("hilbert_local", {"radius": 8, "lr_mode": "all"}),
+    defaults={"resolution": 1024},
+    prepare=prepare,
+    condition=condition,
 )

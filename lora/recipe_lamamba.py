@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .recipes import Recipe, register_recipe
+from .recipe import Recipe
 
 
 def _apply_lamamba(pipe: Any, cfg: Any) -> None:
@@ -44,23 +44,19 @@ def _apply_lamamba(pipe: Any, cfg: Any) -> None:
     diffattn.apply(denoiser, "lamamba", **dict(cfg.attention_options))
 
 
-register_recipe(
-    Recipe(
-        name="lamamba",
-        description="train a LaMamba-Diff model in full (class- or text-conditional; from scratch or fine-tuning)",
-        data="image",
-        lora_targets=(),
-        train_modules=("*",),
-        defaults={"resolution": 256, "save_pipeline": True},
-    )
+RECIPE = Recipe(
+    name="lamamba",
+    description="train a LaMamba-Diff model in full (class- or text-conditional; from scratch or fine-tuning)",
+    data="image",
+    lora_targets=(),
+    train_modules=("*",),
+    defaults={"resolution": 256, "save_pipeline": True},
 )
-register_recipe(
-    Recipe(
-        name="lamamba-lora",
-        description="adapt a pretrained image transformer to LaMamba attention: LoRA + the new window/SS2D parameters",
-        data="image",
-        train_modules=("processor",),
-        prepare=_apply_lamamba,
-        defaults={"resolution": 512},
-    )
+TEXT_RECIPE = Recipe(
+    name="lamamba-lora",
+    description="adapt a pretrained image transformer to LaMamba attention: LoRA + the new window/SS2D parameters",
+    data="image",
+    train_modules=("processor",),
+    prepare=_apply_lamamba,
+    defaults={"resolution": 512},
 )

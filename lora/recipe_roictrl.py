@@ -36,12 +36,15 @@ from typing import Any
 
 import torch
 
-from .recipes import Recipe, register_recipe
+from diffattn.io import atomic_text
+from diffattn.models.roictrl import RUN_SUBFOLDER
+
+from .recipe import Recipe
 
 __all__ = ["ADAPTER_ATTR", "load_adapter"]
 
-ADAPTER_ATTR = "roictrl_adapter"
-CONFIG_DIR = "roictrl_adapter"
+ADAPTER_ATTR = RUN_SUBFOLDER  # the adapter's name in the UNet, so its weights are keyed unet.roictrl_adapter.*
+CONFIG_DIR = RUN_SUBFOLDER  # the subfolder of the output holding the adapter's config
 _ADAPTER_OPTIONS = ("roi_sizes", "gligen", "fourier_freqs", "max_instances")
 _TRAIN_OPTIONS = ("stop_fraction", "gate_lr_scale")
 DEFAULT_GATE_LR_SCALE = 10.0
@@ -78,12 +81,8 @@ def _prepare(pipe: Any, cfg: Any) -> None:
     diffattn.apply(unet, "roi", adapter=adapter, stop_fraction=stop)
     unet.register_forward_pre_hook(_instances_hook, with_kwargs=True)
     # the adapter's config beside the run's outputs, for load_adapter (the weights go in extra_modules)
-    folder = Path(cfg.output) / CONFIG_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps({**dict(adapter.config), "stop_fraction": stop}, indent=2, default=list)
-    tmp = folder / f".config.json.{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, folder / "config.json")
+    atomic_text(Path(cfg.output) / CONFIG_DIR / "config.json", text)
 
 
 def _gate_lr_scale(cfg: Any) -> float:
@@ -143,41 +142,46 @@ def _condition(trainer: Any, batch: dict[str, Any], cond: dict[str, Any]) -> dic
 
 
 def load_adapter(output: str | os.PathLike) -> Any:
-    """The trained :class:`~diffattn.models.ROICtrlAdapter` of a ``roictrl`` run folder (its final
-    ``extra_modules.safetensors``, or a checkpoint folder's ``trainable.safetensors`` when given one)."""
-    from safetensors.torch import load_file
-
+    """The trained :class:`~diffattn.models.ROICtrlAdapter` of a ``roictrl`` run: its output folder (the final
+    ``extra_modules.safetensors``), that folder's ``roictrl_adapter/`` subfolder, or one of its checkpoint
+    folders (``checkpoints/step-N``: its ``trainable.safetensors``). ``ROICtrlAdapter.from_pretrained`` takes
+    the first two as well."""
     from diffattn.models import ROICtrlAdapter
 
     path = Path(output)
-    run = path if (path / CONFIG_DIR).is_dir() else path.parent.parent  # checkpoints/step-N -> the run
-    config = json.loads((run / CONFIG_DIR / "config.json").read_text())
-    config.pop("stop_fraction", None)
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    adapter = ROICtrlAdapter(**config)
-    file = path / "extra_modules.safetensors"
-    if not file.is_file():
-        file = path / "trainable.safetensors"
-    if not file.is_file():
-        raise ValueError(f"{str(path)!r} has no extra_modules.safetensors (or trainable.safetensors)")
-    prefix = ADAPTER_ATTR + "."
-    state = {k.split(prefix, 1)[1]: v for k, v in load_file(str(file)).items() if prefix in k}
-    missing, unexpected = adapter.load_state_dict(state, strict=False)
-    if missing:
-        raise ValueError(f"{file} lacks {len(missing)} adapter weights (e.g. {missing[0]})")
-    return adapter
+    if (path / "trainable.safetensors").is_file() and path.parent.name == "checkpoints":
+        run = path.parent.parent
+        config = run / CONFIG_DIR / "config.json"
+        if not config.is_file():
+            raise ValueError(f"checkpoint {str(path)!r}: the run folder {str(run)!r} has no {CONFIG_DIR}/config.json")
+        return ROICtrlAdapter.from_training_files(config, path / "trainable.safetensors")
+    if not (path / CONFIG_DIR / "config.json").is_file() and not (path / "config.json").is_file():
+        raise ValueError(
+            f"{str(path)!r} is not a roictrl training output (no {CONFIG_DIR}/config.json), its {CONFIG_DIR}/ "
+            "subfolder, nor a checkpoint folder of one"
+        )
+    return ROICtrlAdapter.from_pretrained(path)
 
 
-register_recipe(
-    Recipe(
-        name="roictrl",
-        description="ROICtrl regional control: train the ROI adapter (base frozen) on boxes with captions",
-        data="boxes",
-        lora_targets=(),
-        train_modules=(ADAPTER_ATTR,),
-        defaults={"resolution": 512},
-        prepare=_prepare,
-        condition=_condition,
-        lr_scale=_lr_scale,
-    )
+def _attach(pipe: Any, output: Path) -> None:
+    """``diffattn.lora.load``: the trained adapter as ``pipe.unet.roictrl_adapter`` (as in training), for
+    ``RegionalControlPipeline(pipe, adapter=pipe.unet.roictrl_adapter)``."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise ValueError(f"{str(output)!r} holds a ROICtrl adapter for a UNet; {type(pipe).__name__} has no unet")
+    if not hasattr(unet, ADAPTER_ATTR):
+        unet.add_module(ADAPTER_ATTR, load_adapter(output).to(device=unet.device))
+
+
+RECIPE = Recipe(
+    name="roictrl",
+    description="ROICtrl regional control: train the ROI adapter (base frozen) on boxes with captions",
+    data="boxes",
+    lora_targets=(),
+    train_modules=(ADAPTER_ATTR,),
+    defaults={"resolution": 512},
+    prepare=_prepare,
+    condition=_condition,
+    lr_scale=_lr_scale,
+    attach=_attach,
 )

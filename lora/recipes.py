@@ -1,53 +1,15 @@
 """Recipes: small declarations of what trains, which attention is applied while training, what data.
 
-A method issue adds its recipe with :func:`register_recipe` (``long-video``, ``high-res``,
-``roictrl``, ``lamamba``); the trainer and the command need no change.  Command-line options override
-a recipe's defaults.
+The built-in recipes are registered here and nowhere else: the plain ones below, and the method recipes
+that live in modules of their own (``recipe_high_res``, ``recipe_roictrl``, ``recipe_lamamba``), which only
+define their :class:`~diffattn.lora.recipe.Recipe`. A third-party recipe calls :func:`register_recipe`;
+the trainer and the command need no change. Command-line options override a recipe's defaults.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """One way of training.
-
-    Attributes:
-        name: what ``diffattn train NAME`` takes.
-        description: one line for ``--help``.
-        data: dataset kind, "image", "video" or "boxes" (see :mod:`diffattn.lora.data`).
-        lora_targets: module names LoRA wraps in the denoiser; empty: no LoRA (only ``train_modules``).
-        train_modules: denoiser submodules trained in full, saved in ``extra_modules.safetensors``.
-        attention: ``(method, options)`` set with ``diffattn.apply`` while training (and for validation
-            samples), or ``None`` for the model's own attention.
-        defaults: defaults for :class:`~diffattn.lora.trainer.TrainConfig` fields (resolution, frames ...).
-        prepare: optional ``(pipe, config) -> None`` run after loading, before LoRA is added (adds new
-            modules such as an adapter branch, initialised under the run's seed).  Everything is frozen
-            afterwards; name a new module in ``train_modules`` to train it and save it.
-        condition: optional ``(trainer, batch, cond) -> cond`` run for every micro-batch after the
-            captions are encoded: adds what the recipe's data carries (boxes, region captions) to the
-            conditioning; ``cond["model_kwargs"]`` goes to the denoiser call.
-        lr_scale: optional ``(parameter name, config) -> factor``: the learning rate of that trainable
-            parameter is ``--learning-rate`` times the factor (the LR schedule scales every group alike).
-            For zero-initialised scalar gates, which Adam moves by at most about one learning rate per
-            step: at an adapter's learning rate they cannot leave zero within a short run.
-    """
-
-    name: str
-    description: str
-    data: str = "image"
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    train_modules: tuple[str, ...] = ()
-    attention: tuple[str, dict[str, Any]] | None = None
-    defaults: dict[str, Any] = field(default_factory=dict)
-    prepare: Callable[[Any, Any], None] | None = None
-    condition: Callable[[Any, dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
-    lr_scale: Callable[[str, Any], float] | None = None
-
+from . import recipe_high_res, recipe_lamamba, recipe_roictrl
+from .recipe import Recipe
 
 _RECIPES: dict[str, Recipe] = {}
 
@@ -61,6 +23,7 @@ def register_recipe(recipe: Recipe) -> Recipe:
 
 
 def get_recipe(name: str) -> Recipe:
+    """The registered recipe ``name``; ``ValueError`` listing the valid ones otherwise."""
     if name not in _RECIPES:
         raise ValueError(f"unknown recipe {name!r}; valid recipes: {', '.join(_RECIPES)}")
     return _RECIPES[name]
@@ -116,7 +79,11 @@ register_recipe(
         defaults={"resolution": 256, "num_frames": 17, "save_pipeline": True},
     )
 )
-# the recipes defined in modules of their own register themselves on import. Module imports, not name
-# imports: a user who imports one of them first (``from diffattn.lora.recipe_roictrl import load_adapter``)
-# gets here while that module is still half-initialised, and only ``from . import module`` accepts that.
-from . import recipe_high_res, recipe_lamamba, recipe_roictrl  # noqa: E402, F401
+# the method recipes, defined in modules of their own
+for _recipe in (
+    recipe_high_res.RECIPE,
+    recipe_lamamba.RECIPE,
+    recipe_lamamba.TEXT_RECIPE,
+    recipe_roictrl.RECIPE,
+):
+    register_recipe(_recipe)

@@ -1,6 +1,15 @@
-"""Pipelines built on diffattn (regional control, high resolution, LaMamba-Diff)."""
+"""Pipelines built on diffattn: regional control, high resolution, LaMamba-Diff, long-video decoding."""
 
-from .high_res import HighResPipeline  # noqa: E402, F401
-from .lamamba_diff import LaMambaDiffPipeline  # noqa: E402, F401
-from .long_video import VideoDecoding, long_video_decoding  # noqa: E402, F401
-from .regional_control import RegionalControlPipeline, draw_instances  # noqa: E402, F401
+from .high_res import HighResPipeline
+from .lamamba_diff import LaMambaDiffPipeline
+from .long_video import VideoDecoding, long_video_decoding
+from .regional_control import RegionalControlPipeline, draw_instances
+
+__all__ = [
+    "HighResPipeline",
+    "LaMambaDiffPipeline",
+    "RegionalControlPipeline",
+    "VideoDecoding",
+    "draw_instances",
+    "long_video_decoding",
+]

@@ -76,6 +76,7 @@ class LaMambaDiffPipeline(DiffusionPipeline):
     def encode_prompt(
         self, prompt: list[str], device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text-encoder states and attention mask of ``prompt`` (a text-conditional model only)."""
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("prompt needs a text_encoder and a tokenizer in the pipeline")
         tok = self.tokenizer(

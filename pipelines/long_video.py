@@ -58,6 +58,7 @@ class VideoDecoding:
         return {k: getattr(self.vae, k) for k in self._saved}
 
     def restore(self) -> None:
+        """Give the VAE back its own decoding settings (idempotent)."""
         if not self.active:
             return
         for k, v in self._saved.items():

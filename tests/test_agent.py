@@ -11,9 +11,10 @@ import diffattn
 from diffattn import zoo
 from diffattn.context import AttentionContext
 from diffattn.models import AgentAttention
+from diffattn.ops.agent_attention import agent_attention, agent_grid, pool_agents
 from diffattn.ops.token_merging import bipartite_soft_matching, merge, random_partition, unmerge
 from diffattn.processors import AgentAttnProcessor, AgentConfig, PooledAgentAttnProcessor
-from diffattn.processors.agent import DEFAULT_SCHEDULE, AgentPhase, agent_attention, agent_grid, pool_agents
+from diffattn.processors.agent import DEFAULT_SCHEDULE, AgentPhase
 from diffattn.processors.layout import TokenLayout
 
 # ----- plain references ---------------------------------------------------------------------------------
@@ -309,7 +310,7 @@ def test_by_hand_infers_square_grid_and_needs_height_width_otherwise():
             attn(torch.randn(2, 6 * 10, 32))
         attn.set_processor(AgentAttnProcessor(height=6, width=10))
         assert attn(torch.randn(2, 60, 32)).shape == (2, 60, 32)
-    with pytest.raises(ValueError, match="both height and width"):
+    with pytest.raises(ValueError, match="height and width together"):
         AgentAttnProcessor(height=6)
 
 
@@ -453,7 +454,7 @@ def test_apply_changes_output_and_restore_is_exact(name, options, cls):
     base = _run(pipe, name)
     before = _processors(pipe)
     patch = diffattn.apply(pipe, "agent", **options)
-    procs = [layer.processor for _, _, layer, _ in patch.saved]
+    procs = [layer.processor for _, _, layer, _, _ in patch.saved]
     assert procs and all(isinstance(p, cls) for p in procs)
     out = _run(pipe, name)
     assert np.isfinite(out).all() and not np.array_equal(out, base), "agent attention must change the output"
@@ -467,7 +468,7 @@ def test_unet_levels_schedule_and_cfg():
     pipe = zoo.load("sd")
     schedule = [(0.3, {"sx": 4, "sy": 4, "agent_ratio": 0.95}), (0.7, {"agent_ratio": 0.6}), (1.0, {"ratio": 0.2})]
     with diffattn.apply(pipe, "agent", schedule=schedule) as patch:
-        procs = {name: layer.processor for _, name, layer, _ in patch.saved}
+        procs = {name: layer.processor for _, name, layer, _, _ in patch.saved}
         assert all(n.endswith("attn1") for n in procs), "only self-attention"
         seen = []
 
@@ -487,7 +488,7 @@ def test_sdxl_auto_level_is_the_first_with_attention():
     pipe = zoo.load("sdxl")
     with diffattn.apply(pipe, "agent") as patch:
         _run(pipe, "sdxl")
-        applied = {name for _, name, layer, _ in patch.saved if layer.processor.last_phase is not None}
+        applied = {name for _, name, layer, _, _ in patch.saved if layer.processor.last_phase is not None}
     assert applied and all(n.startswith(("down_blocks.1", "up_blocks.1")) for n in applied), applied
 
 
@@ -512,7 +513,7 @@ def test_bad_options_and_unsupported_models_leave_pipeline_unchanged():
             diffattn.apply(pipe, "agent", **options)
     with pytest.raises(TypeError, match="valid options"):
         diffattn.apply(pipe, "agent", ratios=0.5)
-    assert diffattn.applied(pipe) is None and all(_processors(pipe)[k] is v for k, v in before.items())
+    assert diffattn.applied(pipe) == [] and all(_processors(pipe)[k] is v for k, v in before.items())
     for name in ("mochi", "cogvideox", "hunyuan-video"):
         with pytest.raises(ValueError, match="Supported: UNet2DConditionModel, FluxTransformer2DModel"):
             diffattn.apply(zoo.load(name), "agent")

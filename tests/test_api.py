@@ -70,10 +70,10 @@ def test_context_manager_and_double_apply(pipes):
     pipe = _pipe(pipes, "sd")
     before = _processors(pipe)
     with diffattn.apply(pipe, "dense") as patch:
-        assert diffattn.applied(pipe) is patch
+        assert diffattn.applied(pipe) == [patch]
         with pytest.raises(ValueError, match="already applied"):
             diffattn.apply(pipe, "dense")
-    assert diffattn.applied(pipe) is None
+    assert diffattn.applied(pipe) == []
     assert all(_processors(pipe)[k] is v for k, v in before.items())
     with pytest.raises(ValueError, match="no diffattn method is applied"):
         diffattn.restore(pipe)
@@ -90,7 +90,7 @@ def test_bad_method_and_options(pipes):
         diffattn.apply(torch.nn.Linear(2, 2), "dense")
     with pytest.raises(TypeError, match="pipeline or a torch.nn.Module"):
         diffattn.apply("not a model", "dense")
-    assert diffattn.applied(pipe) is None
+    assert diffattn.applied(pipe) == []
     assert all(_processors(pipe)[k] is v for k, v in before.items())
 
 
@@ -131,7 +131,7 @@ def test_unsupported_model_leaves_pipeline_untouched(pipes):
     before = _processors(pipe)
     with pytest.raises(ValueError, match="does not support .*UNet2DConditionModel.*TestModel"):
         diffattn.apply(pipe, "_test_wan_only")
-    assert diffattn.applied(pipe) is None
+    assert diffattn.applied(pipe) == []
     assert all(_processors(pipe)[k] is v for k, v in before.items())
 
 
@@ -140,7 +140,7 @@ def test_fused_projections_error(pipes):
     pipe.unet.fuse_qkv_projections()
     with pytest.raises(ValueError, match="unfuse_qkv_projections"):
         diffattn.apply(pipe, "dense")
-    assert diffattn.applied(pipe) is None
+    assert diffattn.applied(pipe) == []
 
 
 @pytest.mark.parametrize(
@@ -172,7 +172,7 @@ def test_context_step_comes_from_scheduler(pipes, name, calls_per_step):
         for e in log:
             modules_by_step.setdefault(e["step"], set()).add(e["module_id"])
         assert not (modules_by_step[0] & modules_by_step[1])
-        assert diffattn.applied(pipe) is None
+        assert diffattn.applied(pipe) == []
 
 
 @pytest.mark.parametrize(

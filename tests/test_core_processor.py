@@ -41,13 +41,7 @@ from diffattn.processors.layout import TokenLayout, dense_core
 B = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The models are tiny: intra-op threads only add synchronisation cost (badly so on a busy 2-core box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:

@@ -238,9 +238,9 @@ def _pipe(vae: bool = False, text: bool = False):
     if text:
         from transformers import CLIPTextModel
 
-        tok = zoo._clip_tokenizer(model_max_length=8)
+        tok = zoo.tiny_clip_tokenizer(model_max_length=8)
         parts["tokenizer"] = tok
-        parts["text_encoder"] = CLIPTextModel(zoo._clip_config(tok)).eval()
+        parts["text_encoder"] = CLIPTextModel(zoo.tiny_clip_config(tok)).eval()
     if vae:
         torch.manual_seed(0)
         parts["vae"] = zoo._vae_kl(4).eval()

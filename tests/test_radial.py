@@ -14,19 +14,13 @@ from diffattn import zoo
 from diffattn.cli import main
 from diffattn.masks import radial_block_mask, radial_density, radial_mask, radial_token_mask
 from diffattn.masks.radial import frame_window
+from diffattn.masks.video_geometry import latent_grid
 from diffattn.ops import block_sparse_attention, flex_backend, sdpa_reference
 from diffattn.processors import RadialAttnProcessor, RadialConfig
 from diffattn.processors.core import install_processor
-from diffattn.processors.radial import BlockOrder, latent_grid
+from diffattn.processors.radial import BlockOrder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: intra-op threads only add synchronisation cost (badly so on a busy 2-core box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----- plain references ---------------------------------------------------------------------------------
@@ -199,7 +193,7 @@ def test_bad_input():
     pipe = zoo.load("wan")
     with pytest.raises(ValueError, match="decay_factor"):
         diffattn.apply(pipe, "radial", decay_factor=-1)
-    assert diffattn.applied(pipe) is None
+    assert diffattn.applied(pipe) == []
 
 
 def test_block_order():
@@ -356,7 +350,7 @@ def test_zoo_pipeline_radial(pipes, name, sparse_calls):
     with diffattn.apply(pipe, "radial", **OPTS) as patch:
         sparse = _run(pipe, name)
         grid, n_text = patch.context.grid, patch.context.n_text
-        changed = {id(layer) for _, _, layer, _ in patch.saved}
+        changed = {id(layer) for _, _, layer, _, _ in patch.saved}
         now = _processors(pipe)
     # the mask at this size is really sparse
     f, h, w = grid

@@ -291,7 +291,7 @@ def test_bad_input(sd):
     with pytest.raises(ValueError, match="no branch"):
         other = ROICtrlAdapter(layers=["x.attn2"], dims=[8], cross_dims=[8], heads=[2])
         diffattn.apply(unet, "roi", adapter=other)
-    assert diffattn.applied(unet) is None
+    assert diffattn.applied(unet) == []
     with pytest.raises(ValueError, match="embeds"):
         RegionInstances(torch.zeros(1, 2, 4), torch.zeros(1, 3, 4, 8))
     with pytest.raises(ValueError, match="instance 1"):

@@ -25,13 +25,7 @@ from diffattn.testbed.evaluate import evaluate
 skmetrics = pytest.importorskip("skimage.metrics")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +235,7 @@ def test_layer_relative_errors_with_hooks():
     assert all(r["rel_error"] > 1e-3 and r["calls"] == 2 for r in soft.values())
     assert all(r["first_call"] <= r["rel_error"] * 10 for r in soft.values())
     assert {n: len(m._forward_hooks) for n, m in M.attention_layers(pipe).items()} == hooks_before
-    assert diffattn.applied(pipe) is None
+    assert diffattn.applied(pipe) == []
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ from PIL import Image
 
 from diffattn import zoo
 
-pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")  # diffusers' Mochi RoPE
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning"),  # diffusers' Mochi RoPE
+    pytest.mark.usefixtures("one_thread"),
+]
 
 ALL = zoo.names()
 IMAGE = {"sd", "sdxl", "sd3", "pixart", "flux", "sd-controlnet"}
@@ -19,14 +22,6 @@ VIDEO = {"wan", "wan-i2v", "wan22", "hunyuan-video", "mochi", "cogvideox"}
 _cache: dict[str, np.ndarray] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
-    spinning threads make them several times slower; run this module single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _run(pipe: DiffusionPipeline, name: str, **overrides) -> np.ndarray:

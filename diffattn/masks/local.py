@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypedDict, Unpack
 
 import torch
 
@@ -37,6 +37,7 @@ from .hilbert import ORDERS, token_order
 
 __all__ = [
     "LocalGeometry",
+    "LocalOptions",
     "LocalTokenRule",
     "block_fill",
     "geometry_block_mask",
@@ -60,9 +61,41 @@ def _pos_int(name: str, value: object, minimum: int = 1) -> int:
     return value
 
 
+class LocalOptions(TypedDict, total=False):
+    """The keyword options every public function of this module takes beside the grid, radius, order and
+    block size (the fields of :class:`LocalGeometry`).
+
+    Attributes:
+        window: window side of ``order="window"`` (16).
+        text_len: text tokens in the joint sequence (0).
+        text_position: ``"first"`` (``[text; HR; LR]``, the default) or ``"last"`` (``[HR; LR; text]``).
+        lr_height: LR guidance grid height (none by default); the HR/LR ratio must be the same integer on
+            both axes.
+        lr_width: LR guidance grid width, given with ``lr_height``.
+        lr_radius: LR tokens see LR tokens within this Chebyshev radius on the LR grid (2).
+        lr_mode: ``"window"`` (HR sees the LR tokens under its ``lr_window`` window and the adjacent ones,
+            the reference's inference mask; the default), ``"all"`` (HR sees every LR token) or
+            ``"sliding"`` (the LR tokens within ``1.5 * lr_window`` of each HR token: no window borders, so
+            no seams at them).
+        lr_window: HR window side of the LR rule (16 in the reference).
+    """
+
+    window: int
+    text_len: int
+    text_position: str | None
+    lr_height: int | None
+    lr_width: int | None
+    lr_radius: int
+    lr_mode: LRMode
+    lr_window: int
+
+
 @dataclass(frozen=True)
 class LocalGeometry:
-    """Validated sizes of one local-attention sequence (see the module docstring for the rules)."""
+    """Validated sizes of one local-attention sequence (see the module docstring for the rules).
+
+    ``text_position=None`` means ``"first"`` and ``lr_height`` / ``lr_width`` ``None`` mean no LR tokens.
+    """
 
     height: int
     width: int
@@ -79,6 +112,9 @@ class LocalGeometry:
     lr_window: int = 16
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "text_position", self.text_position or "first")
+        object.__setattr__(self, "lr_height", self.lr_height or 0)
+        object.__setattr__(self, "lr_width", self.lr_width or 0)
         _pos_int("height", self.height)
         _pos_int("width", self.width)
         _pos_int("radius", self.radius)
@@ -146,27 +182,6 @@ class LocalGeometry:
 
     def text_range(self) -> tuple[int, int] | None:
         return (self.text_start, self.text_start + self.text_len) if self.text_len else None
-
-
-def _geometry(
-    height: int,
-    width: int,
-    radius: int,
-    order: str,
-    block_size: int,
-    window: int,
-    text_len: int,
-    text_position: str | None,
-    lr_height: int | None,
-    lr_width: int | None,
-    lr_radius: int,
-    lr_mode: str,
-    lr_window: int,
-) -> LocalGeometry:
-    return LocalGeometry(
-        height, width, radius, order, block_size, window, text_len, text_position or "first",
-        lr_height or 0, lr_width or 0, lr_radius, lr_mode, lr_window,
-    )
 
 
 # ----- lookup tables and the token rule ---------------------------------------------------------------------
@@ -469,16 +484,9 @@ def local_block_mask(
     order: str = "hilbert",
     block_size: int = 128,
     *,
-    window: int = 16,
-    text_len: int = 0,
-    text_position: str | None = "first",
-    lr_height: int | None = None,
-    lr_width: int | None = None,
-    lr_radius: int = 2,
-    lr_mode: LRMode = "window",
-    lr_window: int = 16,
     granularity: Granularity = "token",
     device: torch.device | str = "cpu",
+    **options: Unpack[LocalOptions],
 ) -> BlockMask:
     """The engine's :class:`~diffattn.ops.BlockMask` for hierarchical local attention.
 
@@ -488,14 +496,7 @@ def local_block_mask(
         order: token order of the HR (and LR) tokens in the sequence: ``"hilbert"``, ``"window"`` or
             ``"raster"`` (the sequence is assumed permuted by :func:`~diffattn.masks.hilbert.token_order`).
         block_size: engine block size.
-        window: window side of ``order="window"``.
-        text_len, text_position: text tokens ``"first"`` (``[text; HR; LR]``) or ``"last"`` (``[HR; LR; text]``).
-        lr_height, lr_width: LR guidance grid; the HR/LR ratio must be the same integer on both axes.
-        lr_radius: LR tokens see LR tokens within this Chebyshev radius on the LR grid.
-        lr_mode: ``"window"`` (HR sees the LR tokens under its ``lr_window`` window and the adjacent ones,
-            the reference's inference mask), ``"all"`` (HR sees every LR token) or ``"sliding"`` (the LR
-            tokens within ``1.5 * lr_window`` of each HR token: no window borders, so no seams at them).
-        lr_window: HR window side of the LR rule (16 in the reference).
+        **options: the :class:`LocalOptions` (text tokens, LR guidance grid and its rule).
         granularity: ``"token"``: the exact rule inside the kept blocks; ``"block"``: every pair of a kept
             block is visible (a superset of the rule, like the reference's block-sparse kernel; no
             token-level checks, so the engine runs kept blocks at full speed).
@@ -508,8 +509,7 @@ def local_block_mask(
     Raises:
         ValueError: radius < 1 or larger than the grid, a non-integer HR/LR ratio, bad sizes or options.
     """
-    g = _geometry(height, width, radius, order, block_size, window, text_len, text_position,
-                  lr_height, lr_width, lr_radius, lr_mode, lr_window)
+    g = LocalGeometry(height, width, radius, order, block_size, **options)
     return geometry_block_mask(g, device, granularity)
 
 
@@ -520,20 +520,12 @@ def local_density(
     order: str = "hilbert",
     block_size: int = 128,
     *,
-    granularity: Literal["token", "block"] = "token",
-    window: int = 16,
-    text_len: int = 0,
-    text_position: str | None = "first",
-    lr_height: int | None = None,
-    lr_width: int | None = None,
-    lr_radius: int = 2,
-    lr_mode: LRMode = "window",
-    lr_window: int = 16,
+    granularity: Granularity = "token",
+    **options: Unpack[LocalOptions],
 ) -> float:
     """Fraction of (query, key) pairs kept: ``"token"``: by the rule (exact, closed form, order-independent);
     ``"block"``: the fraction of blocks the engine computes (depends on ``order``)."""
-    g = _geometry(height, width, radius, order, block_size, window, text_len, text_position,
-                  lr_height, lr_width, lr_radius, lr_mode, lr_window)
+    g = LocalGeometry(height, width, radius, order, block_size, **options)
     if granularity == "token":
         return visible_pairs(g) / (g.n * g.n)
     if granularity == "block":
@@ -547,19 +539,10 @@ def block_fill(
     radius: int = 8,
     order: str = "hilbert",
     block_size: int = 128,
-    *,
-    window: int = 16,
-    text_len: int = 0,
-    text_position: str | None = "first",
-    lr_height: int | None = None,
-    lr_width: int | None = None,
-    lr_radius: int = 2,
-    lr_mode: LRMode = "window",
-    lr_window: int = 16,
+    **options: Unpack[LocalOptions],
 ) -> float:
     """Fraction of the token pairs in the computed blocks that the token rule keeps (1.0 = no waste)."""
-    g = _geometry(height, width, radius, order, block_size, window, text_len, text_position,
-                  lr_height, lr_width, lr_radius, lr_mode, lr_window)
+    g = LocalGeometry(height, width, radius, order, block_size, **options)
     return visible_pairs(g) / _computed_pairs(g, geometry_block_mask(g).effective_bitmap())
 
 
@@ -568,23 +551,14 @@ def local_token_mask(
     width: int,
     radius: int = 8,
     order: str = "hilbert",
-    *,
-    window: int = 16,
-    text_len: int = 0,
-    text_position: str | None = "first",
-    lr_height: int | None = None,
-    lr_width: int | None = None,
-    lr_radius: int = 2,
-    lr_mode: LRMode = "window",
-    lr_window: int = 16,
+    **options: Unpack[LocalOptions],
 ) -> torch.Tensor:
     """The exact ``(n, n)`` token mask over the permuted sequence, computed from coordinates pair by pair.
 
     Independent of the lookup-table rule and the bitmap (a reference for tests and pictures); memory is
     ``n**2`` bytes, so small shapes only.
     """
-    g = _geometry(height, width, radius, order, 128, window, text_len, text_position,
-                  lr_height, lr_width, lr_radius, lr_mode, lr_window)
+    g = LocalGeometry(height, width, radius, order, 128, **options)
     kind = torch.full((g.n,), TEXT, dtype=torch.int64)
     ys = torch.zeros(g.n, dtype=torch.int64)
     xs = torch.zeros(g.n, dtype=torch.int64)

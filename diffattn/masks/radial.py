@@ -33,13 +33,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, TypedDict, Unpack
 
 import torch
 
 from ..ops.block_mask import BlockMask, num_blocks, text_dense_ranges
 
 __all__ = [
+    "RadialGeometry",
+    "RadialOptions",
     "RadialTokenRule",
     "frame_window",
     "radial_block_mask",
@@ -56,31 +59,87 @@ Adjacent = Literal["full", "half"]
 _CHUNK_ELEMS = 1 << 23
 
 
-def _check(
-    num_frames: int,
-    tokens_per_frame: int,
-    decay_factor: float,
-    block_size: int,
-    text_tokens: int = 0,
-    text_position: str | None = None,
-    granularity: str = "block",
-    adjacent: str = "full",
-) -> None:
-    for name, value in (("num_frames", num_frames), ("tokens_per_frame", tokens_per_frame), ("block_size", block_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not isinstance(decay_factor, int | float) or isinstance(decay_factor, bool) or not decay_factor > 0:
-        raise ValueError(f"decay_factor must be a number > 0, got {decay_factor!r}")
-    if not math.isfinite(decay_factor):
-        raise ValueError(f"decay_factor must be finite, got {decay_factor!r}")
-    if not isinstance(text_tokens, int) or text_tokens < 0:
-        raise ValueError(f"text_tokens must be an integer >= 0, got {text_tokens!r}")
-    if text_tokens and text_position not in ("first", "last"):
-        raise ValueError(f"text_position must be 'first' or 'last' when text_tokens > 0, got {text_position!r}")
+class RadialOptions(TypedDict, total=False):
+    """The keyword options every public mask function of this module takes beside the frame grid (the
+    fields of :class:`RadialGeometry`).
+
+    Attributes:
+        decay_factor: scales the spatial window (1.0; the reference uses 0.2 for Wan 2.1, 0.95 for
+            HunyuanVideo).
+        block_size: engine block size; also the window floor and the subsampling threshold (128).
+        sink: every frame sees the first frame in full (Wan's attention sink; off by default).
+        text_tokens: a run of text tokens with dense rows and columns (0).
+        text_position: where that run sits, ``"first"`` or ``"last"`` (needed when ``text_tokens > 0``).
+        adjacent: window at frame distance 1, ``"full"`` (the current reference; default) or ``"half"``
+            (the earlier Wan rule).
+    """
+
+    decay_factor: float
+    block_size: int
+    sink: bool
+    text_tokens: int
+    text_position: str | None
+    adjacent: Adjacent
+
+
+@dataclass(frozen=True)
+class RadialGeometry:
+    """Validated sizes and options of one radial mask (see the module docstring for the rule).
+
+    Raises:
+        ValueError: non-positive sizes or ``decay_factor``, a bad ``text_position`` or ``adjacent``.
+    """
+
+    num_frames: int
+    tokens_per_frame: int
+    decay_factor: float = 1.0
+    block_size: int = 128
+    sink: bool = False
+    text_tokens: int = 0
+    text_position: str | None = None
+    adjacent: str = "full"
+
+    def __post_init__(self) -> None:
+        for name in ("num_frames", "tokens_per_frame", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        d = self.decay_factor
+        if not isinstance(d, int | float) or isinstance(d, bool) or not d > 0:
+            raise ValueError(f"decay_factor must be a number > 0, got {d!r}")
+        if not math.isfinite(d):
+            raise ValueError(f"decay_factor must be finite, got {d!r}")
+        if not isinstance(self.text_tokens, int) or self.text_tokens < 0:
+            raise ValueError(f"text_tokens must be an integer >= 0, got {self.text_tokens!r}")
+        if self.text_tokens and self.text_position not in ("first", "last"):
+            raise ValueError(
+                f"text_position must be 'first' or 'last' when text_tokens > 0, got {self.text_position!r}"
+            )
+        if self.adjacent not in ("full", "half"):
+            raise ValueError(f"adjacent must be 'full' or 'half', got {self.adjacent!r}")
+        # canonical values, so equal masks share one cache entry
+        object.__setattr__(self, "decay_factor", float(d))
+        object.__setattr__(self, "sink", bool(self.sink))
+        if not self.text_tokens:
+            object.__setattr__(self, "text_position", None)
+
+    @property
+    def n(self) -> int:
+        """Tokens in the sequence, text included."""
+        return self.num_frames * self.tokens_per_frame + self.text_tokens
+
+    def window_args(self) -> tuple[int, int, float, int, bool, str]:
+        """The arguments of the cached frame-pair window table."""
+        return (self.num_frames, self.tokens_per_frame, self.decay_factor, self.block_size, self.sink, self.adjacent)
+
+    def bitmap_args(self) -> tuple[int, int, float, int, bool, str, int, str | None]:
+        """The arguments of the cached block bitmaps."""
+        return (*self.window_args(), self.text_tokens, self.text_position)
+
+
+def _check_granularity(granularity: str) -> None:
     if granularity not in ("block", "token"):
         raise ValueError(f"granularity must be 'block' or 'token', got {granularity!r}")
-    if adjacent not in ("full", "half"):
-        raise ValueError(f"adjacent must be 'full' or 'half', got {adjacent!r}")
 
 
 def frame_window(
@@ -121,17 +180,11 @@ def _window_table(
 
 
 def window_table(
-    num_frames: int,
-    tokens_per_frame: int,
-    *,
-    decay_factor: float = 1.0,
-    block_size: int = 128,
-    sink: bool = False,
-    adjacent: Adjacent = "full",
+    num_frames: int, tokens_per_frame: int, **options: Unpack[RadialOptions]
 ) -> torch.Tensor:
     """``(num_frames, num_frames)`` int64 table of :func:`frame_window` for every (query, key) frame pair."""
-    _check(num_frames, tokens_per_frame, decay_factor, block_size, adjacent=adjacent)
-    return _window_table(num_frames, tokens_per_frame, float(decay_factor), block_size, bool(sink), adjacent).clone()
+    g = RadialGeometry(num_frames, tokens_per_frame, **options)
+    return _window_table(*g.window_args()).clone()
 
 
 def _band_pairs(s: int, w: int) -> int:
@@ -147,31 +200,21 @@ def radial_density(
     num_frames: int,
     tokens_per_frame: int,
     *,
-    decay_factor: float = 1.0,
-    block_size: int = 128,
-    sink: bool = False,
-    text_tokens: int = 0,
-    text_position: str | None = None,
     granularity: Granularity = "token",
-    adjacent: Adjacent = "full",
+    **options: Unpack[RadialOptions],
 ) -> float:
     """Fraction of (query, key) pairs the mask keeps: exact token density, or the block bitmap's density.
 
     The token density is counted per frame pair, so it is cheap at any size (e.g. 69k tokens).
     """
-    _check(num_frames, tokens_per_frame, decay_factor, block_size, text_tokens, text_position, granularity, adjacent)
+    g = RadialGeometry(num_frames, tokens_per_frame, **options)
+    _check_granularity(granularity)
     if granularity == "block":
-        return float(
-            _bitmaps(
-                num_frames, tokens_per_frame, float(decay_factor), block_size, bool(sink), adjacent,
-                text_tokens, text_position if text_tokens else None,
-            )[0].float().mean()
-        )
-    s = tokens_per_frame
-    table = _window_table(num_frames, s, float(decay_factor), block_size, bool(sink), adjacent)
-    visual = sum(_band_pairs(s, int(w)) for w in table.flatten().tolist())
-    n = num_frames * s + text_tokens
-    return (visual + n * n - (n - text_tokens) ** 2) / (n * n)
+        return float(_bitmaps(*g.bitmap_args())[0].float().mean())
+    table = _window_table(*g.window_args())
+    visual = sum(_band_pairs(tokens_per_frame, int(w)) for w in table.flatten().tolist())
+    n = g.n
+    return (visual + n * n - (n - g.text_tokens) ** 2) / (n * n)
 
 
 class RadialTokenRule:
@@ -278,29 +321,15 @@ def _bitmaps(
     return rule, anyv
 
 
-def radial_token_mask(
-    num_frames: int,
-    tokens_per_frame: int,
-    *,
-    decay_factor: float = 1.0,
-    block_size: int = 128,
-    sink: bool = False,
-    text_tokens: int = 0,
-    text_position: str | None = None,
-    adjacent: Adjacent = "full",
-) -> torch.Tensor:
+def radial_token_mask(num_frames: int, tokens_per_frame: int, **options: Unpack[RadialOptions]) -> torch.Tensor:
     """The exact ``(n, n)`` boolean token mask (``n = num_frames * tokens_per_frame + text_tokens``).
 
     Memory is ``n**2`` bytes, so it is not cached: for pictures, references and small shapes.
     """
-    _check(num_frames, tokens_per_frame, decay_factor, block_size, text_tokens, text_position, "token", adjacent)
-    position = text_position if text_tokens else None
-    s = tokens_per_frame
-    n = num_frames * s + text_tokens
+    g = RadialGeometry(num_frames, tokens_per_frame, **options)
+    n = g.n
     rule = RadialTokenRule(
-        _window_table(num_frames, s, float(decay_factor), block_size, bool(sink), adjacent),
-        s,
-        _visual_offset(text_tokens, position),
+        _window_table(*g.window_args()), tokens_per_frame, _visual_offset(g.text_tokens, g.text_position)
     )
     idx = torch.arange(n)
     mask = torch.empty(n, n, dtype=torch.bool)
@@ -308,7 +337,7 @@ def radial_token_mask(
     step = max(1, (1 << 22) // n)
     for r in range(0, n, step):  # row chunks keep the int64 temporaries small
         mask[r : r + step] = rule(zero, zero, idx[r : r + step, None], idx[None, :])
-    text = text_dense_ranges(n, text_tokens, position)
+    text = text_dense_ranges(n, g.text_tokens, g.text_position)
     if text is not None:
         mask[text[0] : text[1], :] = True
         mask[:, text[0] : text[1]] = True
@@ -319,26 +348,17 @@ def radial_mask(
     num_frames: int,
     tokens_per_frame: int,
     *,
-    decay_factor: float = 1.0,
-    block_size: int = 128,
-    sink: bool = False,
-    text_tokens: int = 0,
-    text_position: str | None = None,
     granularity: Granularity = "block",
-    adjacent: Adjacent = "full",
+    **options: Unpack[RadialOptions],
 ) -> torch.Tensor:
     """Radial attention's mask over ``num_frames * tokens_per_frame + text_tokens`` tokens.
 
     Args:
         num_frames: latent frames after patchify.
         tokens_per_frame: tokens per latent frame (any value: no multiple-of-128 requirement).
-        decay_factor: scales the spatial window (the reference uses 0.2 for Wan 2.1, 0.95 for HunyuanVideo).
-        block_size: engine block size; also the window floor and the subsampling threshold.
-        sink: every frame sees the first frame in full (Wan).
-        text_tokens, text_position: a run of text tokens ``"first"`` or ``"last"``, dense rows and columns.
+        **options: the :class:`RadialOptions` (decay, block size, sink, text run, adjacent rule).
         granularity: ``"block"``: the ``(q_blocks, k_blocks)`` bitmap by the reference's block rule;
             ``"token"``: the exact ``(n, n)`` token mask.
-        adjacent: window at frame distance 1, ``"full"`` (current reference) or ``"half"`` (earlier Wan rule).
 
     Returns:
         A fresh bool tensor; its mean is the density (see also :func:`radial_density`).
@@ -346,16 +366,11 @@ def radial_mask(
     Raises:
         ValueError: non-positive sizes or ``decay_factor``, bad ``text_position`` / ``granularity``.
     """
-    _check(num_frames, tokens_per_frame, decay_factor, block_size, text_tokens, text_position, granularity, adjacent)
+    g = RadialGeometry(num_frames, tokens_per_frame, **options)
+    _check_granularity(granularity)
     if granularity == "token":
-        return radial_token_mask(
-            num_frames, tokens_per_frame, decay_factor=decay_factor, block_size=block_size, sink=sink,
-            text_tokens=text_tokens, text_position=text_position, adjacent=adjacent,
-        )
-    rule, _ = _bitmaps(
-        num_frames, tokens_per_frame, float(decay_factor), block_size, bool(sink), adjacent,
-        text_tokens, text_position if text_tokens else None,
-    )
+        return radial_token_mask(num_frames, tokens_per_frame, **options)
+    rule, _ = _bitmaps(*g.bitmap_args())
     return rule.clone()
 
 
@@ -383,15 +398,10 @@ def radial_block_mask(
     num_frames: int,
     tokens_per_frame: int,
     *,
-    decay_factor: float = 1.0,
-    block_size: int = 128,
-    sink: bool = False,
-    text_tokens: int = 0,
-    text_position: str | None = None,
     granularity: Granularity = "block",
-    adjacent: Adjacent = "full",
     text_valid: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
+    **options: Unpack[RadialOptions],
 ) -> BlockMask:
     """The engine's :class:`~diffattn.ops.BlockMask` for radial attention.
 
@@ -400,19 +410,16 @@ def radial_block_mask(
     (``(batch,)`` valid text tokens per sample, counted from the start of the text run) hides padded text
     keys from every query, as the stock processors' key-padding masks do.
     """
-    _check(num_frames, tokens_per_frame, decay_factor, block_size, text_tokens, text_position, granularity, adjacent)
-    position = text_position if text_tokens else None
+    g = RadialGeometry(num_frames, tokens_per_frame, **options)
+    _check_granularity(granularity)
     dev = torch.device(device)
-    bitmap, rule = _engine_parts(
-        num_frames, tokens_per_frame, float(decay_factor), block_size, bool(sink), adjacent,
-        text_tokens, position, granularity, str(dev),
-    )
-    n = num_frames * tokens_per_frame + text_tokens
-    text = text_dense_ranges(n, text_tokens, position)
+    bitmap, rule = _engine_parts(*g.bitmap_args(), granularity, str(dev))
+    n = g.n
+    text = text_dense_ranges(n, g.text_tokens, g.text_position)
     key_padding = None
     if text_valid is not None and text is not None:
         valid = text_valid.to(dev).reshape(-1, 1)
         idx = torch.arange(n, device=dev)[None, :]
         in_text = (idx >= text[0]) & (idx < text[1])
         key_padding = ~in_text | (idx - text[0] < valid)
-    return BlockMask(bitmap, n, n, block_size, token_rule=rule, dense_q=text, dense_kv=text, key_padding=key_padding)
+    return BlockMask(bitmap, n, n, g.block_size, token_rule=rule, dense_q=text, dense_kv=text, key_padding=key_padding)

@@ -1,13 +1,9 @@
-"""New nn.Modules (LaMamba blocks, ROI adapter)."""
+"""New nn.Modules: the trainable agent-attention module, the ROICtrl adapter, LaMamba blocks and model."""
 
 from .agent_attention import AgentAttention
+from .lamamba import LaMambaBlock, LaMambaDiffModel
+from .roictrl import ROICtrlAdapter
+from .ss2d import SS2D
+from .window_attention import WindowAttention
 
-__all__ = ["AgentAttention"]
-from .roictrl import ROICtrlAdapter  # noqa: E402
-
-__all__ += ["ROICtrlAdapter"]
-from .lamamba import LaMambaBlock, LaMambaDiffModel  # noqa: E402
-from .ss2d import SS2D  # noqa: E402
-from .window_attention import WindowAttention  # noqa: E402
-
-__all__ += ["LaMambaBlock", "LaMambaDiffModel", "SS2D", "WindowAttention"]
+__all__ = ["SS2D", "AgentAttention", "LaMambaBlock", "LaMambaDiffModel", "ROICtrlAdapter", "WindowAttention"]

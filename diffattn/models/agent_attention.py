@@ -25,7 +25,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ..processors.agent import agent_attention, pool_agents
+from ..ops.agent_attention import agent_attention, pool_agents
 
 __all__ = ["AgentAttention"]
 

@@ -11,65 +11,17 @@ attending to tokens they were not adjacent to.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def _window_plan(h: int, w: int, window: int, shift: int) -> tuple[int, int, int, int, int, int]:
-    """(ws_h, ws_w, shift_h, shift_w, padded_h, padded_w) for an ``h x w`` grid."""
-    ws_h, ws_w = min(window, h), min(window, w)
-    sh = shift if h > window else 0
-    sw = shift if w > window else 0
-    return ws_h, ws_w, sh, sw, -(-h // ws_h) * ws_h, -(-w // ws_w) * ws_w
-
-
-def _partition(x: torch.Tensor, ws_h: int, ws_w: int) -> torch.Tensor:
-    """(b, H, W, c) -> (b, nW, ws_h * ws_w, c)"""
-    b, H, W, c = x.shape
-    x = x.view(b, H // ws_h, ws_h, W // ws_w, ws_w, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (H // ws_h) * (W // ws_w), ws_h * ws_w, c)
-
-
-def _merge(x: torch.Tensor, ws_h: int, ws_w: int, H: int, W: int) -> torch.Tensor:
-    """(b, nW, ws_h * ws_w, c) -> (b, H, W, c)"""
-    b, _, _, c = x.shape
-    x = x.view(b, H // ws_h, W // ws_w, ws_h, ws_w, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, H, W, c)
-
-
-@functools.lru_cache(maxsize=64)
-def window_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor | None:
-    """Boolean ``(nW, N, N)`` mask of allowed (query, key) pairs per window, or None if all are allowed.
-
-    Combines the shifted-window region rule and key padding; index math on the padded grid only.
-    """
-    ws_h, ws_w, sh, sw, H, W = _window_plan(h, w, window, shift)
-    if (sh, sw) == (0, 0) and (H, W) == (h, w):
-        return None
-    rows, cols = torch.arange(H, device="cpu"), torch.arange(W, device="cpu")
-    # region label per axis after the roll: wrapped tokens (original index < shift) form their own region
-    region_r = (torch.roll(rows, -sh) < sh).long() if sh else torch.zeros(H, dtype=torch.long, device="cpu")
-    region_c = (torch.roll(cols, -sw) < sw).long() if sw else torch.zeros(W, dtype=torch.long, device="cpu")
-    real_r = torch.roll(rows, -sh) < h
-    real_c = torch.roll(cols, -sw) < w
-    label = (region_r[:, None] * 2 + region_c[None, :]).view(1, H, W, 1)
-    real = (real_r[:, None] & real_c[None, :]).view(1, H, W, 1)
-    label = _partition(label, ws_h, ws_w)[0, :, :, 0]  # (nW, N)
-    real = _partition(real, ws_h, ws_w)[0, :, :, 0]
-    return (label[:, :, None] == label[:, None, :]) & real[:, None, :]
-
-
-@functools.lru_cache(maxsize=64)
-def relative_position_index(ws_h: int, ws_w: int, window: int) -> torch.Tensor:
-    """(N, N) index into a ``(2 * window - 1) ** 2`` bias table for a ``ws_h x ws_w`` window."""
-    coords = torch.stack(
-        torch.meshgrid(torch.arange(ws_h, device="cpu"), torch.arange(ws_w, device="cpu"), indexing="ij")
-    ).flatten(1)
-    rel = coords[:, :, None] - coords[:, None, :] + (window - 1)
-    return rel[0] * (2 * window - 1) + rel[1]
+from ..ops.window_partition import (
+    merge_windows,
+    partition_windows,
+    relative_position_index,
+    window_mask,
+    window_plan,
+)
 
 
 class WindowAttention(nn.Module):
@@ -93,7 +45,7 @@ class WindowAttention(nn.Module):
 
     def attention_bias(self, h: int, w: int, shift: int, dtype: torch.dtype) -> torch.Tensor:
         """Additive ``(nW or 1, heads, N, N)`` bias: relative positions plus the window mask."""
-        ws_h, ws_w, *_ = _window_plan(h, w, self.window_size, shift)
+        ws_h, ws_w, *_ = window_plan(h, w, self.window_size, shift)
         idx = relative_position_index(ws_h, ws_w, self.window_size).to(
             self.relative_position_bias_table.device
         )
@@ -113,19 +65,19 @@ class WindowAttention(nn.Module):
         if not 0 <= shift < self.window_size:
             raise ValueError(f"shift must be in [0, window_size={self.window_size}), got {shift}")
         b, h, w, c = x.shape
-        ws_h, ws_w, sh, sw, H, W = _window_plan(h, w, self.window_size, shift)
+        ws_h, ws_w, sh, sw, H, W = window_plan(h, w, self.window_size, shift)
         if (H, W) != (h, w):
             x = F.pad(x, (0, 0, 0, W - w, 0, H - h))
         if sh or sw:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        win = _partition(x, ws_h, ws_w)  # (b, nW, N, c)
+        win = partition_windows(x, ws_h, ws_w)  # (b, nW, N, c)
         nw, n = win.shape[1], win.shape[2]
         heads, hd = self.num_heads, c // self.num_heads
         qkv = self.qkv(win).view(b, nw, n, 3, heads, hd).permute(3, 0, 1, 4, 2, 5)  # (3, b, nW, heads, N, hd)
         bias = self.attention_bias(h, w, shift, qkv.dtype)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias)  # (b, nW, heads, N, hd)
         out = self.proj(out.transpose(2, 3).reshape(b, nw, n, c))
-        out = _merge(out, ws_h, ws_w, H, W)
+        out = merge_windows(out, ws_h, ws_w, H, W)
         if sh or sw:
             out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
         return out[:, :h, :w]

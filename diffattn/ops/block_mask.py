@@ -153,6 +153,7 @@ class BlockMask:
         return float(self.effective_bitmap().float().mean())
 
     def needs_token_check(self) -> bool:
+        """Whether some kept block is partial, so the token rule must run inside it."""
         return bool((self.effective_bitmap() & ~self.full_bitmap()).any())
 
     # --- token level ------------------------------------------------------------------------
@@ -193,6 +194,7 @@ class BlockMask:
         return self.allowed(b, h, q, k).expand(batch, heads, self.q_len, self.kv_len)
 
     def to(self, device: torch.device | str) -> BlockMask:
+        """The same mask with its tensors on ``device``."""
         return BlockMask(
             self.bitmap.to(device),
             self.q_len,

@@ -1,21 +1,32 @@
-"""Diffusers attention processors: the generic core processor and one method family per file.
+"""Diffusers attention processors: the generic core processor and one method per file.
 
-Importing this package registers the built-in methods.
+Each method file defines its config, its processor and a ``Method`` record; :mod:`diffattn.api` registers
+the built-in ones.
 """
 
-from . import dense  # noqa: F401  (registers "dense")
-from .agent import AgentAttnProcessor, AgentConfig, PooledAgentAttnProcessor  # noqa: F401  (registers "agent")
+from .agent import AgentAttnProcessor, AgentConfig, PooledAgentAttnProcessor
 from .core import CoreAttnProcessor
+from .hilbert_local import HilbertLocalAttnProcessor, HilbertLocalConfig
+from .lamamba import LaMambaAttnProcessor, LaMambaConfig
 from .layout import TokenLayout, dense_core
-from .radial import RadialAttnProcessor, RadialConfig  # registers "radial"
+from .radial import RadialAttnProcessor, RadialConfig
+from .roi import RegionInstances, RegionMaskAttnProcessor, ROICtrlAttnProcessor, set_instances
 
-__all__ = ["CoreAttnProcessor", "RadialAttnProcessor", "RadialConfig", "TokenLayout", "dense_core"]
-from .hilbert_local import HilbertLocalAttnProcessor, HilbertLocalConfig  # noqa: E402  (registers "hilbert_local")
-
-__all__ += ["HilbertLocalAttnProcessor", "HilbertLocalConfig"]
-from .roi import RegionInstances, RegionMaskAttnProcessor, ROICtrlAttnProcessor, set_instances  # noqa: E402  (registers "roi", "regional_mask")
-
-__all__ += ["RegionInstances", "RegionMaskAttnProcessor", "ROICtrlAttnProcessor", "set_instances"]
-from .lamamba import LaMambaAttnProcessor, LaMambaConfig  # noqa: E402  (registers "lamamba")
-
-__all__ += ["LaMambaAttnProcessor", "LaMambaConfig"]
+__all__ = [
+    "AgentAttnProcessor",
+    "AgentConfig",
+    "CoreAttnProcessor",
+    "HilbertLocalAttnProcessor",
+    "HilbertLocalConfig",
+    "LaMambaAttnProcessor",
+    "LaMambaConfig",
+    "PooledAgentAttnProcessor",
+    "ROICtrlAttnProcessor",
+    "RadialAttnProcessor",
+    "RadialConfig",
+    "RegionInstances",
+    "RegionMaskAttnProcessor",
+    "TokenLayout",
+    "dense_core",
+    "set_instances",
+]

@@ -41,10 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..context import AttentionContext, Grid
+from ..context import AttentionContext, Grid, given_grid, layer_grid
+from ..ops.agent_attention import agent_attention, agent_grid, pool_agents
 from ..ops.host_copy import to_device_async
 from ..ops.token_merging import bipartite_soft_matching, merge, num_dst, random_partition, unmerge
-from ..registry import LayerInfo, Method, check_options, register
+from ..registry import LayerInfo, Method, config_from
 from .core import CoreAttnProcessor
 from .families import FAMILY_ATTR, NAME_ATTR, TEXT_ONLY_ATTR, infer_family
 from .layout import TokenLayout, dense_core
@@ -210,105 +211,7 @@ class AgentConfig:
         return self.phases[-1][1]
 
 
-def _build(config: AgentConfig | None, options: dict[str, Any]) -> AgentConfig:
-    check_options(AgentConfig, options, "agent attention")
-    if config is None:
-        return AgentConfig(**options)
-    return dataclasses.replace(config, **options) if options else config
-
-
-# ----- the math -----------------------------------------------------------------------------------------
-
-
-def _to_additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    if mask is None or mask.dtype != torch.bool:
-        return mask if mask is None else mask.to(dtype)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-
-
-def agent_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    agents: torch.Tensor,
-    *,
-    scale: float | None = None,
-    agent_scale: float | None = None,
-    shortcut: float = 0.0,
-    key_bias: torch.Tensor | None = None,
-    query_bias: torch.Tensor | None = None,
-    key_mask: torch.Tensor | None = None,
-    upcast: bool = False,
-) -> torch.Tensor:
-    """Agent attention on ``(batch, heads, tokens, head_dim)`` tensors.
-
-    ``softmax(q agents^T * agent_scale + query_bias) @ (softmax(agents k^T * scale + key_bias) @ v)
-    + shortcut * v``.
-
-    Args:
-        q: ``(B, H, M, d)`` queries; k, v: ``(B, H, N, d)``; agents: ``(B, H, n, d)``.
-        scale: agent-key scale, default ``d ** -0.5``; agent_scale: query-agent scale, default ``scale``.
-        shortcut: weight of ``v`` added to the output (needs ``M == N``).
-        key_bias: additive ``(.., n, N)`` bias of the agent-key logits; query_bias: ``(.., M, n)``.
-        key_mask: boolean (True keeps) or additive mask of the keys, broadcast over the agents.
-        upcast: compute both stages in float32 when inputs are float16/bfloat16. Off by default: SDPA's
-            fused kernels keep the softmax statistics in fp32 already, and on GPU fp32 inputs leave the
-            fast fp16 kernels (an H200 took 2.7 ms instead of under 1 ms for the two stages at 1024 px).
-    """
-    if shortcut and q.shape[-2] != v.shape[-2]:
-        raise ValueError(f"shortcut needs as many queries as values, got {q.shape[-2]} and {v.shape[-2]}")
-    dtype = q.dtype
-    if upcast and dtype in (torch.float16, torch.bfloat16):
-        q, k, v, agents = q.float(), k.float(), v.float(), agents.float()
-    work = q.dtype
-    d = q.shape[-1]
-    scale = d**-0.5 if scale is None else scale
-    agent_scale = scale if agent_scale is None else agent_scale
-    mask1 = _to_additive(key_mask, work) if key_bias is not None else key_mask
-    if key_bias is not None:
-        mask1 = key_bias.to(work) if mask1 is None else key_bias.to(work) + mask1
-    mask2 = None if query_bias is None else query_bias.to(work)
-    # Both stages are ordinary softmax attention: SDPA's fused kernels never build the logits in full.
-    agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=mask1, scale=scale)
-    out = F.scaled_dot_product_attention(q, agents, agent_v, attn_mask=mask2, scale=agent_scale)
-    if shortcut:
-        out = out + shortcut * v
-    return out.to(dtype)
-
-
-def agent_grid(grid: Grid, num_agents: int, agent_frames: int | None = None) -> Grid:
-    """The ``(frames, height, width)`` agent grid for a token grid: about ``num_agents`` per frame, with
-    the token grid's aspect ratio, never larger than the token grid."""
-    f, h, w = grid
-    af = f if agent_frames is None else min(agent_frames, f)
-    ah = max(1, min(h, round(math.sqrt(num_agents * h / w))))
-    aw = max(1, min(w, num_agents // ah))
-    return (af, ah, aw)
-
-
-def pool_agents(q: torch.Tensor, grid: Grid, agents: Grid) -> torch.Tensor:
-    """Adaptive average pooling of visual queries ``(B, H, f*h*w, d)`` to ``(B, H, af*ah*aw, d)``."""
-    b, heads, n, d = q.shape
-    f, h, w = grid
-    if f * h * w != n:
-        raise ValueError(f"grid {grid} has {f * h * w} tokens, the queries have {n}")
-    x = q.reshape(b * heads, f, h, w, d).permute(0, 4, 1, 2, 3)
-    x = F.adaptive_avg_pool3d(x, agents)
-    # contiguous: SDPA's fused CPU kernel needs a unit stride on head_dim (else it takes the math path)
-    return x.flatten(2).transpose(1, 2).reshape(b, heads, -1, d).contiguous()
-
-
 # ----- grids --------------------------------------------------------------------------------------------
-
-
-def _square(n: int, what: str) -> tuple[int, int]:
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(
-            f"{what}: cannot infer a token grid from {n} tokens (not a square); pass height= and width= "
-            "(the latent token grid at the model input) or use diffattn.apply, which records it"
-        )
-    return side, side
 
 
 def _downsampled(grid: Grid, n: int) -> tuple[int, int, int] | None:
@@ -380,13 +283,8 @@ class AgentAttnProcessor(CoreAttnProcessor):
         **options: Any,
     ) -> None:
         super().__init__()
-        self.config = _build(config, options)
-        if (height is None) != (width is None):
-            raise ValueError("give both height and width (the latent token grid), or neither")
-        if height is not None:
-            _check_stride("height", height)
-            _check_stride("width", width)
-        self._own_grid: Grid | None = (1, height, width) if height is not None else None
+        self.config = config_from(AgentConfig, config, options, "agent attention")
+        self._own_grid = given_grid(None, height, width)
         self.context = context
         self.layer_name = layer_name
         self._largest = 0  # by hand without a grid: tokens of the highest-resolution level seen
@@ -458,7 +356,7 @@ class AgentAttnProcessor(CoreAttnProcessor):
                 _, h, w = found
             else:
                 found = None
-                h, w = _square(n, f"layer {getattr(attn, NAME_ATTR, None) or type(attn).__name__}")
+                _, h, w = layer_grid(n, None, None, f"layer {getattr(attn, NAME_ATTR, None) or type(attn).__name__}")
             self._largest = max(self._largest, n)
             relative = max(1, round(math.sqrt(self._largest / n)))
             if self.config.max_downsample is None:
@@ -623,13 +521,8 @@ class PooledAgentAttnProcessor(CoreAttnProcessor):
         **options: Any,
     ) -> None:
         super().__init__(family=family, text_len=text_len)
-        self.config = _build(config, options)
-        if (height is None) != (width is None):
-            raise ValueError("give both height and width (the token grid after patchify), or neither")
-        for name, value in (("num_frames", num_frames), ("height", height), ("width", width)):
-            if value is not None:
-                _check_stride(name, value)
-        self._own_grid: Grid | None = (num_frames or 1, height, width) if height is not None else None
+        self.config = config_from(AgentConfig, config, options, "agent attention")
+        self._own_grid = given_grid(num_frames, height, width)
         self.context = context
         if family is not None:  # see AgentAttnProcessor.__init__
             self.stock_processor(family, None)
@@ -643,15 +536,7 @@ class PooledAgentAttnProcessor(CoreAttnProcessor):
 
     def grid(self, n_visual: int) -> Grid:
         """The visual token grid of a call with ``n_visual`` visual tokens."""
-        ctx = self.context
-        if ctx is not None and ctx.grid is not None:
-            return ctx.grid_for(n_visual)
-        if self._own_grid is not None:
-            f, h, w = self._own_grid
-            if f * h * w != n_visual:
-                raise ValueError(f"the grid {self._own_grid} has {f * h * w} tokens, the layer {n_visual}")
-            return self._own_grid
-        return (1, *_square(n_visual, "PooledAgentAttnProcessor"))
+        return layer_grid(n_visual, self._own_grid, self.context, "PooledAgentAttnProcessor")
 
     def attention(
         self,
@@ -738,15 +623,13 @@ def _attention(config: AgentConfig, grid: Grid, n_text: int, text_position: str 
     return lambda q, k, v: proc.attention(q, k, v, layout, None)
 
 
-register(
-    Method(
-        name="agent",
-        config=AgentConfig,
-        families=_POOL_FAMILIES,
-        make_processor=_make,
-        models=(*_UNET_MODELS, *_TRANSFORMER_MODELS, "other transformers whose self-attention runs "
-                "AttnProcessor2_0 / JointAttnProcessor2_0 / FluxAttnProcessor / WanAttnProcessor"),
-        attention=_attention,
-        description="agent attention: AgentSD (ToMe-merged agents + step schedule) for UNets, pooled agents for DiTs",
-    )
+METHOD = Method(
+    name="agent",
+    config=AgentConfig,
+    families=_POOL_FAMILIES,
+    make_processor=_make,
+    models=(*_UNET_MODELS, *_TRANSFORMER_MODELS, "other transformers whose self-attention runs "
+            "AttnProcessor2_0 / JointAttnProcessor2_0 / FluxAttnProcessor / WanAttnProcessor"),
+    attention=_attention,
+    description="agent attention: AgentSD (ToMe-merged agents + step schedule) for UNets, pooled agents for DiTs",
 )

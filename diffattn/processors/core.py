@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..ops.block_mask import BlockMask
+from ..ops.block_sparse_attention import block_sparse_attention, resolve_backend
 from .families import (
     FAMILY_ATTR,
     NAME_ATTR,
@@ -94,6 +96,22 @@ class CoreAttnProcessor:
     def applies(self, attn: nn.Module, layout: TokenLayout) -> bool:
         """Whether the core replaces the stock attention on this call (default: everywhere)."""
         return True
+
+    def sparse_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMask, backend: str = "auto"
+    ) -> torch.Tensor:
+        """The engine on one call, remembering the backend it ran and the mask for :meth:`describe`."""
+        resolved = resolve_backend(q, k, v, bm, backend)
+        self.last_sparse_call = (resolved, bm)
+        return block_sparse_attention(q, k, v, bm, backend=resolved)
+
+    def describe(self) -> str:
+        """What the last block-sparse call ran: backend, block density and tokens (``""`` before any)."""
+        last = getattr(self, "last_sparse_call", None)
+        if last is None:
+            return ""
+        backend, bm = last
+        return f"backend {backend}, block density {bm.density():.3f} at {bm.q_len} tokens"
 
     def attention(
         self,

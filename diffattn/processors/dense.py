@@ -12,7 +12,7 @@ import torch
 
 from ..context import AttentionContext
 from ..ops.block_mask import BlockMask, num_blocks
-from ..registry import LayerInfo, Method, register
+from ..registry import LayerInfo, Method
 from .core import CoreAttnProcessor
 from .families import FAMILIES
 from .layout import dense_core
@@ -33,13 +33,11 @@ def _full_mask(config: DenseConfig, grid, n_text: int, text_position, block_size
     return BlockMask(torch.ones(nb, nb, dtype=torch.bool), n, n, block_size)
 
 
-register(
-    Method(
-        name="dense",
-        config=DenseConfig,
-        families=tuple(FAMILIES),
-        make_processor=_make,
-        block_mask=_full_mask,
-        description="dense SDPA through diffattn's processors: the reference for every method",
-    )
+METHOD = Method(
+    name="dense",
+    config=DenseConfig,
+    families=tuple(FAMILIES),
+    make_processor=_make,
+    block_mask=_full_mask,
+    description="dense SDPA through diffattn's processors: the reference for every method",
 )

@@ -15,25 +15,26 @@ permutation costs O(n * head_dim) copies, negligible next to the O(n * r^2 * hea
 
 Rotary embeddings are applied by the stock code path before the permutation, so positions are untouched.
 SD3 works within its position-embedding range (``pos_embed_max_size``); Flux (and the testbed DiT, a tiny
-Flux) at any resolution. Layers whose radius would cover the whole grid raise a ``ValueError``: use dense
-attention there.
+Flux) at any resolution. The default radius (8) is clamped to a smaller grid with a notice; a radius you
+set that is larger than the grid raises a ``ValueError`` naming the largest that works.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ..context import AttentionContext
+from ..context import AttentionContext, given_grid, recorded_grid
 from ..masks.hilbert import ORDERS, token_order
 from ..masks.local import LR_MODES, LocalGeometry, geometry_block_mask, visible_pairs
-from ..ops import BlockMask, block_sparse_attention
+from ..ops import BlockMask
 from ..ops.block_sparse_attention import BACKENDS
-from ..registry import LayerInfo, Method, check_options, register
+from ..registry import LayerInfo, Method, config_from
 from .core import CoreAttnProcessor
 from .layout import TokenLayout
 
@@ -41,6 +42,8 @@ __all__ = ["HILBERT_LOCAL_FAMILIES", "HilbertLocalAttnProcessor", "HilbertLocalC
 
 HILBERT_LOCAL_FAMILIES = ("flux", "sd3")
 HILBERT_LOCAL_MODELS = ("FluxTransformer2DModel", "SD3Transformer2DModel")
+DEFAULT_RADIUS = 8  # Scale-DiT on FLUX
+_CLAMPED: set[tuple[int, int]] = set()  # grids the default radius was clamped to (noticed once each)
 
 
 def _int(name: str, value: Any, minimum: int) -> None:
@@ -54,6 +57,8 @@ class HilbertLocalConfig:
 
     Attributes:
         radius: HR tokens see HR tokens within ``radius`` tokens in both axes (Scale-DiT: 8 on FLUX).
+            ``None`` (default): 8, clamped to a smaller token grid with a one-line notice; a radius you
+            set is never changed (one larger than the grid is an error saying the largest that works).
         order: token order inside the processor: ``"hilbert"`` (default), ``"window"`` (the reference's
             16x16 window-first order) or ``"raster"`` (no permutation; for comparisons).
         block_size: engine block size.
@@ -70,7 +75,7 @@ class HilbertLocalConfig:
         backend: engine backend.
     """
 
-    radius: int = 8
+    radius: int | None = None
     order: Literal["hilbert", "window", "raster"] = "hilbert"
     block_size: int = 128
     window: int = 16
@@ -82,7 +87,8 @@ class HilbertLocalConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        _int("radius", self.radius, 1)
+        if self.radius is not None:
+            _int("radius", self.radius, 1)
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {list(ORDERS)}, got {self.order!r}")
         _int("block_size", self.block_size, 1)
@@ -98,13 +104,19 @@ class HilbertLocalConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
 
-
-def _config(config: HilbertLocalConfig | None, options: dict[str, Any]) -> HilbertLocalConfig:
-    if config is not None:
-        if options:
-            raise TypeError(f"pass either config= or options, not both (got options {sorted(options)})")
-        return config
-    return check_options(HilbertLocalConfig, options, "hilbert_local attention")(**options)
+    def radius_for(self, height: int, width: int) -> int:
+        """The radius on a ``height`` x ``width`` token grid: the one set, or the default 8 clamped to the grid."""
+        if self.radius is not None:
+            return self.radius
+        radius = min(DEFAULT_RADIUS, max(height, width, 2) - 1)
+        if radius < DEFAULT_RADIUS and (height, width) not in _CLAMPED:
+            _CLAMPED.add((height, width))
+            print(
+                f"diffattn: hilbert_local's default radius {DEFAULT_RADIUS} is larger than the {height}x{width} token "
+                f"grid; using {radius} (set the radius option to choose)",
+                file=sys.stderr,
+            )
+        return radius
 
 
 def lr_grid(height: int, width: int, n_lr: int, ratio: int | None = None) -> tuple[int, int]:
@@ -152,15 +164,9 @@ class HilbertLocalAttnProcessor(CoreAttnProcessor):
         **options: Any,
     ) -> None:
         super().__init__(family=family, text_len=text_len)
-        self.config = _config(config, options)
-        if (height is None) != (width is None):
-            raise ValueError("give height and width together (tokens after patchify), or neither")
-        if height is not None:
-            _int("height", height, 1)
-            _int("width", width, 1)
-            self.grid: tuple[int, int] | None = (int(height), int(width))  # type: ignore[arg-type]
-        else:
-            self.grid = None
+        self.config = config_from(HilbertLocalConfig, config, options, "hilbert_local attention")
+        given = given_grid(None, height, width)
+        self.grid: tuple[int, int] | None = given[1:] if given is not None else None
         self.context = context if context is not None else AttentionContext()
         self._cache: dict[tuple, tuple[BlockMask, torch.Tensor | None, torch.Tensor | None]] = {}
 
@@ -169,18 +175,10 @@ class HilbertLocalAttnProcessor(CoreAttnProcessor):
 
     def token_grid(self, n_visual: int, layer: str | None = None) -> tuple[int, int, int, int]:
         """``(height, width, lr_height, lr_width)`` of a call with ``n_visual`` image tokens (LR 0x0: none)."""
-        if self.grid is not None:
-            h, w = self.grid
-        else:
-            grid = self.context.grid
-            if grid is None:
-                raise ValueError(
-                    "hilbert_local attention needs the token grid: use diffattn.apply(pipe, 'hilbert_local', ...), "
-                    "or pass height/width (tokens after patchify) to HilbertLocalAttnProcessor"
-                )
-            if grid[0] != 1:
-                raise ValueError(f"hilbert_local attention is for images; got a token grid of {grid[0]} frames")
-            h, w = grid[1], grid[2]
+        own = (1, *self.grid) if self.grid is not None else None
+        f, h, w = recorded_grid(own, self.context, "hilbert_local")
+        if f != 1:
+            raise ValueError(f"hilbert_local attention is for images; got a token grid of {f} frames")
         if n_visual == h * w:
             return h, w, 0, 0
         if n_visual < h * w:
@@ -196,7 +194,7 @@ class HilbertLocalAttnProcessor(CoreAttnProcessor):
         h, w, lh, lw = self.token_grid(n - layout.n_text, layout.layer)
         cfg = self.config
         return LocalGeometry(
-            h, w, cfg.radius, cfg.order, cfg.block_size, cfg.window, layout.n_text,
+            h, w, cfg.radius_for(h, w), cfg.order, cfg.block_size, cfg.window, layout.n_text,
             layout.text_position or "first", lh, lw, cfg.lr_radius, cfg.lr_mode, cfg.lr_window,
         )
 
@@ -240,7 +238,7 @@ class HilbertLocalAttnProcessor(CoreAttnProcessor):
         bm, perm, inv = self.parts(q.shape[2], layout, q.device)
         if perm is not None:
             q, k, v = (t.index_select(2, perm) for t in (q, k, v))
-        out = block_sparse_attention(q, k, v, bm, backend=self.config.backend)  # type: ignore[arg-type]
+        out = self.sparse_attention(q, k, v, bm, self.config.backend)
         return out if inv is None else out.index_select(2, inv)
 
     def __repr__(self) -> str:
@@ -261,7 +259,7 @@ def _geometry(config: HilbertLocalConfig, grid: tuple[int, int, int], n_text: in
     if f != 1:
         raise ValueError(f"hilbert_local attention is for images; got a token grid of {f} frames")
     return LocalGeometry(
-        h, w, config.radius, config.order, block_size, config.window, n_text, text_position or "first",
+        h, w, config.radius_for(h, w), config.order, block_size, config.window, n_text, text_position or "first",
         0, 0, config.lr_radius, config.lr_mode, config.lr_window,
     )
 
@@ -280,15 +278,13 @@ def _token_density(
     return visible_pairs(g) / (g.n * g.n)
 
 
-register(
-    Method(
-        name="hilbert_local",
-        config=HilbertLocalConfig,
-        families=HILBERT_LOCAL_FAMILIES,
-        make_processor=_make,
-        models=HILBERT_LOCAL_MODELS,
-        description="hierarchical local attention in Hilbert order (Scale-DiT): 2-D neighbourhoods as dense blocks",
-        block_mask=_block_mask,
-        token_density=_token_density,
-    )
+METHOD = Method(
+    name="hilbert_local",
+    config=HilbertLocalConfig,
+    families=HILBERT_LOCAL_FAMILIES,
+    make_processor=_make,
+    models=HILBERT_LOCAL_MODELS,
+    description="hierarchical local attention in Hilbert order (Scale-DiT): 2-D neighbourhoods as dense blocks",
+    block_mask=_block_mask,
+    token_density=_token_density,
 )

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..context import AttentionContext
+from ..context import AttentionContext, given_grid, layer_grid
 from ..models.ss2d import SS2D
-from ..models.window_attention import _merge, _partition, _window_plan, window_mask
-from ..registry import LayerInfo, Method, check_options, register
+from ..ops.window_partition import merge_windows, partition_windows, window_mask, window_plan
+from ..registry import LayerInfo, Method, config_from
 from .core import CoreAttnProcessor
 from .families import FAMILY_ATTR, infer_family
 from .layout import TokenLayout, dense_core
@@ -101,7 +101,7 @@ def window_joint_attention(
     h, w = grid
     if h * w != n:
         raise ValueError(f"grid {grid} has {h * w} tokens, q has {n}")
-    ws_h, ws_w, sh, sw, H, W = _window_plan(h, w, window, shift)
+    ws_h, ws_w, sh, sw, H, W = window_plan(h, w, window, shift)
 
     def windows(t: torch.Tensor) -> torch.Tensor:
         t = t.reshape(b * nh, h, w, d)
@@ -109,7 +109,7 @@ def window_joint_attention(
             t = F.pad(t, (0, 0, 0, W - w, 0, H - h))
         if sh or sw:
             t = torch.roll(t, shifts=(-sh, -sw), dims=(1, 2))
-        t = _partition(t, ws_h, ws_w)
+        t = partition_windows(t, ws_h, ws_w)
         return t.view(b, nh, *t.shape[1:])  # (b, heads, nW, N, d)
 
     qw, kw, vw = windows(q), windows(k), windows(v)
@@ -134,7 +134,7 @@ def window_joint_attention(
         neg = torch.full((), torch.finfo(q.dtype).min / 2, dtype=q.dtype, device=q.device)
         bias = torch.where(allowed, torch.zeros((), dtype=q.dtype, device=q.device), neg)
     out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=bias)  # (b, heads, nW, N, d)
-    out = _merge(out.reshape(b * nh, nw, nn_, d), ws_h, ws_w, H, W)
+    out = merge_windows(out.reshape(b * nh, nw, nn_, d), ws_h, ws_w, H, W)
     if sh or sw:
         out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
     return out[:, :h, :w].reshape(b, nh, n, d)
@@ -167,15 +167,11 @@ class LaMambaAttnProcessor(CoreAttnProcessor, nn.Module):
     ) -> None:
         nn.Module.__init__(self)
         CoreAttnProcessor.__init__(self, family=family, text_len=text_len)
-        if config is not None and options:
-            raise TypeError(f"pass either config= or options, not both (got options {sorted(options)})")
-        self.config = config or check_options(LaMambaConfig, options, "lamamba attention")(**options)
-        if (height is None) != (width is None):
-            raise ValueError("give both height and width (the token grid after patchify), or neither")
+        self.config = config_from(LaMambaConfig, config, options, "lamamba attention")
         if not 0 <= shift < self.config.window_size:
             raise ValueError(f"shift must be in [0, window_size={self.config.window_size}), got {shift}")
         self.context = context
-        self._own_grid = (height, width) if height is not None else None
+        self._own_grid = given_grid(None, height, width)
         self.shift = shift
         if self.config.ssm:
             self.ss2d = SS2D(dim, d_state=self.config.d_state, ssm_ratio=self.config.ssm_ratio)
@@ -191,22 +187,8 @@ class LaMambaAttnProcessor(CoreAttnProcessor, nn.Module):
 
     def grid(self, n_visual: int) -> tuple[int, int] | None:
         """``(h, w)`` of the image tokens, or None for a multi-frame grid (stock attention there)."""
-        ctx = self.context
-        if ctx is not None and ctx.grid is not None:
-            f, h, w = ctx.grid_for(n_visual)
-            return (h, w) if f == 1 else None
-        if self._own_grid is not None:
-            h, w = self._own_grid
-            if h * w != n_visual:
-                raise ValueError(f"the grid {self._own_grid} has {h * w} tokens, the layer {n_visual}")
-            return self._own_grid
-        side = int(round(n_visual**0.5))
-        if side * side != n_visual:
-            raise ValueError(
-                f"{n_visual} image tokens are not a square grid: use diffattn.apply (records the grid) or "
-                "pass height= and width="
-            )
-        return (side, side)
+        f, h, w = layer_grid(n_visual, self._own_grid, self.context, "lamamba")
+        return (h, w) if f == 1 else None
 
     def attention(
         self,
@@ -292,14 +274,12 @@ def _attention(
     return lambda q, k, v: proc.attention(q, k, v, layout, None)
 
 
-register(
-    Method(
-        name="lamamba",
-        config=LaMambaConfig,
-        families=LAMAMBA_FAMILIES,
-        make_processor=_make,
-        models=LAMAMBA_MODELS,
-        attention=_attention,
-        description="LaMamba: window attention + zero-gated SS2D (Mamba) branch on image tokens; text stays dense",
-    )
+METHOD = Method(
+    name="lamamba",
+    config=LaMambaConfig,
+    families=LAMAMBA_FAMILIES,
+    make_processor=_make,
+    models=LAMAMBA_MODELS,
+    attention=_attention,
+    description="LaMamba: window attention + zero-gated SS2D (Mamba) branch on image tokens; text stays dense",
 )

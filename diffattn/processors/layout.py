@@ -38,9 +38,11 @@ class TokenLayout:
     layer: str | None = None
 
     def n_visual(self, n_tokens: int) -> int:
+        """Visual tokens in a call of ``n_tokens`` tokens."""
         return n_tokens - self.n_text
 
     def visual_slice(self, n_tokens: int) -> slice:
+        """Where the visual tokens sit in a call of ``n_tokens`` tokens."""
         if self.text_position == "first":
             return slice(self.n_text, n_tokens)
         return slice(0, n_tokens - self.n_text)

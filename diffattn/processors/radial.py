@@ -21,22 +21,19 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..context import AttentionContext
+from ..context import AttentionContext, given_grid, recorded_grid
 from ..masks.radial import radial_block_mask, radial_density
-from ..ops import BlockMask, block_sparse_attention
+from ..ops import BlockMask
 from ..ops.block_sparse_attention import BACKENDS
-from ..registry import LayerInfo, Method, check_options, register
+from ..registry import LayerInfo, Method, config_from
 from .core import CoreAttnProcessor
 from .layout import TokenLayout
 
 __all__ = [
     "RADIAL_FAMILIES",
-    "VIDEO_MODELS",
     "BlockOrder",
     "RadialAttnProcessor",
     "RadialConfig",
-    "VideoGeometry",
-    "latent_grid",
 ]
 
 RADIAL_FAMILIES = ("wan", "hunyuan-video", "mochi", "cogvideox")
@@ -105,14 +102,6 @@ class RadialConfig:
         return self.sink if self.sink is not None else family in _SINK_FAMILIES
 
 
-def _config(config: RadialConfig | None, options: dict[str, Any]) -> RadialConfig:
-    if config is not None:
-        if options:
-            raise TypeError(f"pass either config= or options, not both (got options {sorted(options)})")
-        return config
-    return check_options(RadialConfig, options, "radial attention")(**options)
-
-
 class BlockOrder:
     """Transformer-block index of an attention layer, in execution order, from its qualified name."""
 
@@ -165,16 +154,8 @@ class RadialAttnProcessor(CoreAttnProcessor):
         **options: Any,
     ) -> None:
         super().__init__(family=family)
-        self.config = _config(config, options)
-        given = [x is not None for x in (num_frames, height, width)]
-        if any(given) and not all(given):
-            raise ValueError("give num_frames, height and width together (tokens after patchify), or none of them")
-        if all(given):
-            if min(num_frames, height, width) < 1:  # type: ignore[type-var]
-                raise ValueError(f"grid must be positive, got {(num_frames, height, width)}")
-            self.grid: tuple[int, int, int] | None = (int(num_frames), int(height), int(width))  # type: ignore[arg-type]
-        else:
-            self.grid = None
+        self.config = config_from(RadialConfig, config, options, "radial attention")
+        self.grid = given_grid(num_frames, height, width, with_frames=True)
         self.context = context if context is not None else AttentionContext()
         self.block_order = block_order if block_order is not None else BlockOrder()
         self._masks: dict[tuple, BlockMask] = {}
@@ -227,13 +208,7 @@ class RadialAttnProcessor(CoreAttnProcessor):
 
     def token_grid(self, n_visual: int, layer: str | None = None) -> tuple[int, int, int]:
         """The (frames, height, width) token grid of a call with ``n_visual`` visual tokens."""
-        grid = self.grid if self.grid is not None else self.context.grid
-        if grid is None:
-            raise ValueError(
-                "radial attention needs the token grid: use diffattn.apply(pipe, 'radial', ...), or pass "
-                "num_frames/height/width (tokens after patchify) to RadialAttnProcessor"
-            )
-        f, h, w = grid
+        f, h, w = grid = recorded_grid(self.grid, self.context, "radial")
         if f * h * w != n_visual:
             where = f" in layer {layer}" if layer else ""
             raise ValueError(
@@ -295,7 +270,7 @@ class RadialAttnProcessor(CoreAttnProcessor):
                 f"radial attention supports key-padding text masks only; layer {layout.layer} got an attention "
                 f"mask of shape {tuple(attn_mask.shape)} without per-sample text lengths"
             )
-        return block_sparse_attention(q, k, v, self.block_mask(q, layout), backend=self.config.backend)
+        return self.sparse_attention(q, k, v, self.block_mask(q, layout), self.config.backend)
 
     def __repr__(self) -> str:
         return f"RadialAttnProcessor(grid={self.grid}, config={self.config})"
@@ -350,58 +325,13 @@ def _token_density(
     return radial_density(**_mask_args(config, grid, n_text, text_position, block_size))
 
 
-register(
-    Method(
-        name="radial",
-        config=RadialConfig,
-        families=RADIAL_FAMILIES,
-        make_processor=_make,
-        models=RADIAL_MODELS,
-        description="radial spatiotemporal attention: O(n log n) static mask for video transformers",
-        block_mask=_block_mask,
-        token_density=_token_density,
-    )
+METHOD = Method(
+    name="radial",
+    config=RadialConfig,
+    families=RADIAL_FAMILIES,
+    make_processor=_make,
+    models=RADIAL_MODELS,
+    description="radial spatiotemporal attention: O(n log n) static mask for video transformers",
+    block_mask=_block_mask,
+    token_density=_token_density,
 )
-
-
-# ----- pixels -> latent tokens ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VideoGeometry:
-    """How a video model turns pixels into tokens, and where its text sits in joint attention."""
-
-    temporal: int  # VAE temporal compression: frames = temporal * k + 1
-    spatial: int  # VAE spatial compression x patch size: pixels per token side
-    text_tokens: int = 0  # text tokens in joint self-attention (pipeline default)
-    text_position: str | None = None
-    family: str = "wan"
-
-
-VIDEO_MODELS: dict[str, VideoGeometry] = {
-    "wan": VideoGeometry(4, 16, family="wan"),  # Wan 2.1 T2V/I2V and Wan 2.2 A14B: VAE 4x8x8, patch 1x2x2
-    "wan22-5b": VideoGeometry(4, 32, family="wan"),  # Wan 2.2 TI2V-5B: VAE 4x16x16, patch 1x2x2
-    "hunyuan-video": VideoGeometry(4, 16, 256, "last", "hunyuan-video"),
-    "mochi": VideoGeometry(6, 16, 256, "last", "mochi"),
-    "cogvideox": VideoGeometry(4, 16, 226, "first", "cogvideox"),  # CogVideoX 1.0 (2B/5B)
-}
-
-
-def latent_grid(model: str, frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """Token grid (latent frames, height, width) of a ``frames`` x ``height`` x ``width`` pixel video.
-
-    Raises:
-        ValueError: an unknown model, or a size the model's VAE and patchify cannot produce.
-    """
-    if model not in VIDEO_MODELS:
-        raise ValueError(f"unknown video model {model!r}; known: {sorted(VIDEO_MODELS)}")
-    g = VIDEO_MODELS[model]
-    if frames < 1 or (frames - 1) % g.temporal:
-        lo = max(1, (frames - 1) // g.temporal * g.temporal + 1)
-        raise ValueError(
-            f"{model}'s VAE produces {g.temporal}k+1 frames; {frames} is not one (nearest: {lo} or {lo + g.temporal})"
-        )
-    for name, px in (("height", height), ("width", width)):
-        if px < g.spatial or px % g.spatial:
-            raise ValueError(f"{model} needs {name} to be a positive multiple of {g.spatial} pixels, got {px}")
-    return ((frames - 1) // g.temporal + 1, height // g.spatial, width // g.spatial)

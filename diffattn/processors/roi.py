@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from torch import nn
 
-from ..context import AttentionContext
+from ..context import AttentionContext, layer_grid, recorded_grid
 from ..ops.roi_align import check_boxes
-from ..registry import LayerInfo, Method, register
+from ..registry import LayerInfo, Method
 
 __all__ = [
     "RegionInstances",
@@ -149,6 +149,7 @@ class RegionState:
     """Mutable holder shared by the processors of one ``apply``: the current :class:`RegionInstances`."""
 
     instances: RegionInstances | None = None
+    max_instances: int = 30  # what the adapter (roi) or the config (regional_mask) accepts
 
 
 def _validate_fraction(value: float, name: str) -> None:
@@ -173,13 +174,13 @@ class ROIConfig:
     def __post_init__(self) -> None:
         from ..models.roictrl import ROICtrlAdapter
 
-        object.__setattr__(self, "state", RegionState())  # not an option: the processors' shared holder
-
         if not isinstance(self.adapter, ROICtrlAdapter):
             raise ValueError(
                 f"adapter must be a diffattn.models.ROICtrlAdapter (ROICtrlAdapter.from_unet(unet)), got "
                 f"{type(self.adapter).__name__}"
             )
+        # not an option: the processors' shared holder
+        object.__setattr__(self, "state", RegionState(max_instances=self.adapter.config.max_instances))
         _validate_fraction(self.stop_fraction, "stop_fraction")
         if self.instances is not None and not isinstance(self.instances, RegionInstances):
             raise ValueError(f"instances must be a RegionInstances, got {type(self.instances).__name__}")
@@ -209,12 +210,30 @@ class RegionMaskConfig:
     share_queries: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "state", RegionState())
+        object.__setattr__(self, "state", RegionState(max_instances=self.max_instances))
         _validate_fraction(self.stop_fraction, "stop_fraction")
         if self.instances is not None and not isinstance(self.instances, RegionInstances):
             raise ValueError(f"instances must be a RegionInstances, got {type(self.instances).__name__}")
         if self.instances is not None:
             self.state.instances = self.instances
+
+
+def _regional_processors(target: Any) -> list[_RegionalProcessor]:
+    """The ``roi`` / ``regional_mask`` processors set on ``target``: an ``AttentionPatch`` (its denoisers,
+    while active), a pipeline (its module components) or a module."""
+    if isinstance(target, nn.Module):
+        roots = [target]
+    elif hasattr(target, "saved") and hasattr(target, "models"):  # an AttentionPatch (api sits above us)
+        roots = list(target.models) if target.active else []
+    else:
+        roots = list(getattr(target, "components", {}).values())
+    return [
+        m.processor
+        for root in roots
+        if isinstance(root, nn.Module)
+        for m in root.modules()
+        if isinstance(getattr(m, "processor", None), _RegionalProcessor)
+    ]
 
 
 def set_instances(target: Any, instances: RegionInstances | None) -> None:
@@ -224,19 +243,16 @@ def set_instances(target: Any, instances: RegionInstances | None) -> None:
     Raises:
         ValueError: when no regional method is applied to ``target``, or the instances are too many.
     """
-    from ..api import AttentionPatch, applied
-
-    patch = target if isinstance(target, AttentionPatch) else applied(target)
-    if patch is None or not patch.active or not isinstance(patch.config, (ROIConfig, RegionMaskConfig)):
+    states = {id(p.state): p.state for p in _regional_processors(target)}
+    if not states:
         raise ValueError("set_instances needs a patch from diffattn.apply(..., 'roi' or 'regional_mask')")
-    if instances is not None:
-        if not isinstance(instances, RegionInstances):
-            raise ValueError(f"instances must be a RegionInstances, got {type(instances).__name__}")
-        cfg = patch.config
-        limit = cfg.adapter.config.max_instances if isinstance(cfg, ROIConfig) else cfg.max_instances
-        if instances.count > limit:
-            raise ValueError(f"{instances.count} instances; at most {limit} are supported")
-    patch.config.state.instances = instances
+    if instances is not None and not isinstance(instances, RegionInstances):
+        raise ValueError(f"instances must be a RegionInstances, got {type(instances).__name__}")
+    for state in states.values():
+        if instances is not None and instances.count > state.max_instances:
+            raise ValueError(f"{instances.count} instances; at most {state.max_instances} are supported")
+    for state in states.values():
+        state.instances = instances
 
 
 def box_masks(boxes: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -279,15 +295,9 @@ class _RegionalProcessor:
 
     def grid(self, n_tokens: int) -> tuple[int, int, int]:
         """``(level, h, w)`` of a layer with ``n_tokens`` tokens."""
-        if self.context is not None and self.context.grid is not None:
-            _, gh, gw = self.context.grid
-            _, h, w = self.context.grid_for(n_tokens)
-        elif self.hw is not None:
-            gh, gw = self.hw
-            ctx = AttentionContext(grid=(1, gh, gw))
-            _, h, w = ctx.grid_for(n_tokens)
-        else:
-            raise ValueError("the token grid is unknown: use diffattn.apply(...) or pass hw=(latent H, latent W)")
+        own = (1, *self.hw) if self.hw is not None else None
+        _, gh, gw = recorded_grid(own, self.context, "roi")
+        _, h, w = layer_grid(n_tokens, own, self.context, "roi")
         return round(math.log2(max(gh / h, 1.0))), h, w
 
     def active(self) -> bool:
@@ -306,6 +316,7 @@ class _RegionalProcessor:
 
     def regional(self, attn: nn.Module, hidden_states: torch.Tensor, base: torch.Tensor,
                  inst: RegionInstances) -> torch.Tensor:
+        """The layer's output with the instances applied, from the stock output ``base`` of this call."""
         raise NotImplementedError
 
 
@@ -421,23 +432,19 @@ def _make_mask(config: RegionMaskConfig, ctx: AttentionContext, layer: LayerInfo
     return RegionMaskAttnProcessor(config.state, ctx, config.stop_fraction, share_queries=config.share_queries)
 
 
-register(
-    Method(
-        name="roi",
-        config=ROIConfig,
-        families=("sd",),
-        make_processor=_make_roi,
-        models=UNET_MODELS,
-        description="ROICtrl regional control: ROI-Align, per-instance cross-attention, ROI-Unpool (needs an adapter)",
-    )
+ROI_METHOD = Method(
+    name="roi",
+    config=ROIConfig,
+    families=("sd",),
+    make_processor=_make_roi,
+    models=UNET_MODELS,
+    description="ROICtrl regional control: ROI-Align, per-instance cross-attention, ROI-Unpool (needs an adapter)",
 )
-register(
-    Method(
-        name="regional_mask",
-        config=RegionMaskConfig,
-        families=("sd",),
-        make_processor=_make_mask,
-        models=UNET_MODELS,
-        description="training-free regional cross-attention with per-instance full-map box masks (baseline)",
-    )
+REGIONAL_MASK_METHOD = Method(
+    name="regional_mask",
+    config=RegionMaskConfig,
+    families=("sd",),
+    make_processor=_make_mask,
+    models=UNET_MODELS,
+    description="training-free regional cross-attention with per-instance full-map box masks (baseline)",
 )
