@@ -10,7 +10,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 import diffattn
 from diffattn import zoo
-from diffattn.processors import RegionInstances
+from diffattn.processors import RegionInstances, set_instances
 
 BOXES = [[0.0, 0.0, 0.5, 0.5], [0.4, 0.3, 1.0, 0.9]]
 
@@ -58,6 +58,9 @@ def test_two_methods_on_disjoint_layers_in_one_call_or_in_turn(sd):
     group = diffattn.apply(unet, options)
     assert [p.method for p in diffattn.applied(unet)] == ["agent", "regional_mask"]
     both = _out(unet, x, enc)
+    set_instances(group, None)  # the group reaches its regional patch: without instances, agent alone
+    assert torch.equal(_out(unet, x, enc), agent_only)
+    set_instances(group, options["regional_mask"]["instances"])
     group.remove()
     assert diffattn.applied(unet) == []
     assert torch.equal(_out(unet, x, enc), base)

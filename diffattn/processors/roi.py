@@ -32,6 +32,7 @@ from torch import nn
 from ..context import AttentionContext, layer_grid, recorded_grid
 from ..ops.roi_align import check_boxes
 from ..registry import LayerInfo, Method
+from .parallel import check_context_parallel
 
 __all__ = [
     "RegionInstances",
@@ -220,11 +221,13 @@ class RegionMaskConfig:
 
 def _regional_processors(target: Any) -> list[_RegionalProcessor]:
     """The ``roi`` / ``regional_mask`` processors set on ``target``: an ``AttentionPatch`` (its denoisers,
-    while active), a pipeline (its module components) or a module."""
+    while active), a ``PatchGroup``, a pipeline (its module components) or a module."""
     if isinstance(target, nn.Module):
         roots = [target]
     elif hasattr(target, "saved") and hasattr(target, "models"):  # an AttentionPatch (api sits above us)
         roots = list(target.models) if target.active else []
+    elif hasattr(target, "patches"):  # a PatchGroup: the patches of one apply with several methods
+        return [proc for patch in target.patches for proc in _regional_processors(patch)]
     else:
         roots = list(getattr(target, "components", {}).values())
     return [
@@ -271,7 +274,17 @@ class _RegionalProcessor:
     """Shared plumbing: stock cross-attention, then ``self.regional(...)`` when instances are active."""
 
     _attention_backend: Any = None
-    _parallel_config: Any = None
+    context_parallel = "regional control is for UNets (Attention cross-attention), which have no context-parallel plan"
+
+    @property
+    def _parallel_config(self) -> Any:
+        """What diffusers' ``enable_parallelism`` would set: refused (see :mod:`.parallel`)."""
+        return self.__dict__.get("_diffattn_parallel_config")
+
+    @_parallel_config.setter
+    def _parallel_config(self, config: Any) -> None:
+        check_context_parallel(self, config)
+        self.__dict__["_diffattn_parallel_config"] = config
 
     def __init__(self, state: RegionState, context: AttentionContext | None, stop_fraction: float = 1.0,
                  hw: tuple[int, int] | None = None) -> None:
