@@ -15,6 +15,11 @@
 # while the machine stays warm, so a timed-out build resumes on the next call) beside test_cuda, then
 # puts it on PYTHONPATH and reruns the scan and LaMamba tests (step test_mamba) against it;
 # bench_lamamba times the scan backends and LaMamba-Diff vs DiT on the GPU.
+# STEPS="bench_e2e" runs scripts/bench_gpu_e2e.py (issue 26: end to end at the real model sizes), one
+# --stage per process in priority order (engine, wan, flux, unet), each under its own limit from E2E_LIMITS
+# (default "engine=90 wan=100 flux=80 unet=90": about 6 minutes on an H100). Every stage rewrites
+# OUT_DIR/e2e_<stage>.json after each case, so a stage cut off by its limit keeps what it measured;
+# E2E_ARGS is passed to every stage (e.g. "--wan-long full"). bench_e2e is not in the default STEPS.
 set -u
 STEPS=${STEPS:-test_cuda bench_engine bench_radial bench_hilbert_local bench_agent bench_lamamba bench_roictrl}
 OUT_DIR=${1:-outputs/gpu_check}
@@ -41,7 +46,7 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to OUT_DIR/NAME.log,
   timeout "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
   local rc=$?
   echo "== $name: rc=$rc in $((SECONDS - t0)) s"
-  grep -E '^\[cuda\]|skipped|passed|failed|FAILED|Error|efficiency|speedup|PASS|FAIL|unet |layer |compiles|px: ' "$OUT_DIR/$name.log" \
+  grep -E '^\[cuda\]|^\[(engine|wan|flux|unet)\]|^== |skipped|passed|failed|FAILED|Error|efficiency|speedup|PASS|FAIL|unet |layer |compiles|px: ' "$OUT_DIR/$name.log" \
     | grep -v 'Warning\|warn(' | cut -c1-260 | tail -n 60
 }
 
@@ -86,3 +91,12 @@ step bench_agent "${BENCH_LIMIT:-120}" python3 scripts/bench_agent.py --device c
   --rounds 10 --layer-rounds 10 --out "$OUT_DIR/bench_agent_gpu"
 step bench_roictrl "${BENCH_LIMIT:-120}" python3 scripts/bench_roictrl.py --device cuda --dtype fp16 --rounds 10 \
   --out "$OUT_DIR/bench_roictrl_gpu"
+if [[ " $STEPS " == *" bench_e2e "* ]]; then
+  for spec in ${E2E_LIMITS:-engine=90 wan=100 flux=80 unet=90}; do
+    stage=${spec%%=*} limit=${spec#*=}
+    STEPS="$STEPS bench_e2e_$stage"
+    # --budget-s: what the stage may plan for (wan measures 4x length in full only if it fits), inside its limit
+    step "bench_e2e_$stage" "$limit" python3 scripts/bench_gpu_e2e.py --stage "$stage" \
+      --budget-s $((limit > 20 ? limit - 10 : limit)) --out-dir "$OUT_DIR" ${E2E_ARGS:-}
+  done
+fi
