@@ -24,6 +24,7 @@ _registry.set_builtin_loader(lambda: importlib.import_module(".api", __name__))
 _EXPORTS = {
     "AttentionContext": "context",
     "AttentionPatch": "api",
+    "CalibrationPreset": "presets",
     "Method": "registry",
     "PatchGroup": "api",
     "applied": "api",

@@ -23,7 +23,11 @@ from torch.utils.hooks import RemovableHandle
 
 from . import registry
 from .context import AttentionContext, ContextHook
+from .denoisers import denoisers, is_pipeline
+from .presets import load as load_preset
 from .processors import agent, dense, hilbert_local, lamamba, radial, roi
+from .processors.cp_plans import check_call
+from .processors.parallel import follow_model, model_parallel_config
 from .registry import LayerInfo
 
 # The built-in methods, registered here and nowhere else (a method file only defines its Method record).
@@ -39,34 +43,8 @@ BUILTIN_METHODS = (
 for _method in BUILTIN_METHODS:
     registry.register(_method)
 
-# pipeline components that denoise; ControlNets, VAEs and text encoders keep their attention
-DENOISER_COMPONENTS = ("unet", "transformer", "transformer_2")
 _PATCHES = "_diffattn_patches"  # on each denoiser: its active patches, in order
-
-
-def _is_pipeline(obj: Any) -> bool:
-    try:
-        from diffusers import DiffusionPipeline
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(obj, DiffusionPipeline)
-
-
-def denoisers(pipe_or_model: Any) -> list[tuple[str, nn.Module]]:
-    """The denoising models of a pipeline (or the bare model itself)."""
-    if _is_pipeline(pipe_or_model):
-        found = [(n, getattr(pipe_or_model, n, None)) for n in DENOISER_COMPONENTS]
-        found = [(n, m) for n, m in found if isinstance(m, nn.Module)]
-        if not found:
-            raise ValueError(
-                f"{type(pipe_or_model).__name__} has no denoiser component (looked for {list(DENOISER_COMPONENTS)})"
-            )
-        return found
-    if isinstance(pipe_or_model, nn.Module):
-        return [(type(pipe_or_model).__name__, pipe_or_model)]
-    raise TypeError(
-        f"expected a diffusers pipeline or a torch.nn.Module denoiser, got {type(pipe_or_model).__name__}"
-    )
+_SAVE = "save_pretrained"  # wrapped on each patched denoiser: saves the stock model (_stock_save)
 
 
 def _attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -96,7 +74,10 @@ class AttentionPatch:
         method: the method's name.
         config: its config dataclass.
         context: the per-call :class:`~diffattn.AttentionContext` its processors read.
-        skipped: ``(layer, why)`` for the attention layers the method left as they were.
+        skipped: ``(layer, why)`` for the attention layers the method left as they were (``"per-layer
+            setting"`` for the layers ``layers=`` keeps dense).
+        options: the base options ``apply`` was given.
+        layer_settings: the per-layer settings ``apply`` was given (``{layer: options or "dense"}``).
     """
 
     method: str
@@ -107,6 +88,8 @@ class AttentionPatch:
     models: list[nn.Module] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     active: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+    layer_settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[str]:
@@ -150,8 +133,12 @@ class AttentionPatch:
         """Put back the processors that were there before ``apply`` and remove its hooks (idempotent)."""
         if not self.active:
             return
-        for _, _, layer, old, _ in reversed(self.saved):
+        for model, _, layer, old, _ in reversed(self.saved):
             _set(layer, old)
+            # enable_parallelism after apply set its config on our processors only
+            config = model_parallel_config(model)
+            if config is not None and hasattr(old, "_parallel_config"):
+                old._parallel_config = config
         for h in self.hooks:
             h.remove()
         for model in self.models:
@@ -161,6 +148,7 @@ class AttentionPatch:
             else:
                 if _PATCHES in model.__dict__:
                     delattr(model, _PATCHES)
+                model.__dict__.pop(_SAVE, None)  # the instance's save_pretrained wrapper (_stock_save)
                 _forget_names(model)  # the names are shared by every patch on the model
         self.active = False
 
@@ -233,6 +221,12 @@ class _IntactCheck:
         self.patch.check_intact()
 
 
+def _cp_check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: under context parallelism, refuse inputs the cp plan cannot split (see
+    :func:`diffattn.processors.cp_plans.check_call`), before diffusers' split hooks meet them."""
+    check_call(module, args, kwargs)
+
+
 def _forget_names(model: nn.Module) -> None:
     from .processors.families import FAMILY_ATTR, NAME_ATTR, TEXT_ONLY_ATTR
 
@@ -240,6 +234,45 @@ def _forget_names(model: nn.Module) -> None:
         for attr in (NAME_ATTR, FAMILY_ATTR, TEXT_ONLY_ATTR):
             if attr in m.__dict__:
                 delattr(m, attr)
+
+
+def _stock_save(model: nn.Module) -> Any:
+    """``model.save_pretrained`` while diffattn is applied: it saves the stock model. Processors that hold
+    parameters (``lamamba``'s SS2D branch and gate) are taken off for the save, with a warning saying what
+    was left out, so a saved folder never mixes them into the stock weights."""
+    import inspect
+    import warnings
+
+    stock = type(model).save_pretrained
+
+    def save_pretrained(*args: Any, **kwargs: Any) -> Any:
+        held = [(layer, old, new) for p in getattr(model, _PATCHES, []) for _, _, layer, old, new in p.saved
+                if isinstance(new, nn.Module)]
+        left: dict[str, int] = {}
+        for p in getattr(model, _PATCHES, []):
+            n = sum(t.numel() for _, _, _, _, new in p.saved if isinstance(new, nn.Module) for t in new.state_dict().values())
+            if n:
+                left[p.method] = left.get(p.method, 0) + n
+        if left:
+            what = ", ".join(f"{n:,} values of method {m!r}" for m, n in left.items())
+            warnings.warn(
+                f"diffattn: {type(model).__name__}.save_pretrained saves the stock model; the parameters the applied "
+                f"method added ({what}, in its processors) are left out. Save them with "
+                "diffattn.lora.adapters.save_extra(...), or call diffattn.restore(...) before saving",
+                UserWarning,
+                stacklevel=2,
+            )
+        try:
+            for layer, old, _ in held:
+                _set(layer, old)
+            return stock(model, *args, **kwargs)
+        finally:
+            for layer, _, new in reversed(held):
+                _set(layer, new)
+
+    # diffusers' pipeline passes safe_serialization / variant / ... only when the signature names them
+    save_pretrained.__signature__ = inspect.signature(stock.__get__(model))  # type: ignore[attr-defined]
+    return save_pretrained
 
 
 def _uses_fused_qkv(layer: nn.Module) -> bool:
@@ -262,14 +295,40 @@ class _Plan:
     context: AttentionContext
     changes: list[tuple[nn.Module, str, nn.Module, Any, Any]]
     skipped: list[tuple[str, str]]
+    options: dict[str, Any] = field(default_factory=dict)
+    layer_settings: dict[str, Any] = field(default_factory=dict)
+
+
+PER_LAYER_DENSE = "per-layer setting"  # the skip reason of a layer ``layers=`` keeps dense
+
+
+def _unknown_layer(method: str, name: str, applicable: list[str], skipped: dict[str, str]) -> ValueError:
+    """The error for a per-layer setting naming a layer the method does not change, with close matches."""
+    import difflib
+
+    if name in skipped:
+        why = f"method {method!r} does not change it ({skipped[name]})"
+    else:
+        why = "no attention layer of that name"
+    # a name without its model class ("blocks.0.attn1") matches by suffix first
+    close = [a for a in applicable if a.endswith(f".{name}")][:3] or difflib.get_close_matches(name, applicable, n=3, cutoff=0.6)
+    hint = f"close matches: {close}" if close else f"layers it changes: {applicable[:4]}" + (
+        f" and {len(applicable) - 4} more" if len(applicable) > 4 else ""
+    )
+    return ValueError(f"layers: {name!r}: {why}; {hint} (names as in AttentionPatch.layers)")
 
 
 def _plan(models: list[tuple[str, nn.Module]], method: str, options: dict[str, Any]) -> _Plan:
-    """What ``method`` would change, checked, without touching the models."""
+    """What ``method`` would change, checked, without touching the models. ``options`` may hold
+    ``layers``: per-layer settings (see :meth:`diffattn.registry.Method.layer_configs`)."""
     from .processors.families import family_of_processor
 
     spec = registry.get(method)
+    options = dict(options)
+    settings = options.pop("layers", None)
     config = spec.build_config(options)
+    per_layer = spec.layer_configs(options, settings) if settings is not None else {}
+    applicable: list[str] = []
     ctx = AttentionContext()
     # a layer another patch holds is judged by the processor that patch replaced (the clash is found later)
     stock = {id(layer): old for _, model in models for p in getattr(model, _PATCHES, []) for _, _, layer, old, _ in p.saved}
@@ -290,10 +349,17 @@ def _plan(models: list[tuple[str, nn.Module]], method: str, options: dict[str, A
                 skipped.append((qual, f"{method} does not support the {family!r} attention family"))
                 continue
             info = LayerInfo(name=name, module=layer, family=family, model=type(model).__name__, is_cross=_is_cross(layer))
-            new = spec.make_processor(config, ctx, info)
+            own = per_layer.get(qual, config)
+            new = spec.make_processor(config if own is registry.DENSE else own, ctx, info)
             if new is None:
                 skipped.append((qual, "cross-attention" if info.is_cross else f"{method} leaves this layer"))
                 continue
+            applicable.append(qual)
+            if own is registry.DENSE:
+                skipped.append((qual, PER_LAYER_DENSE))
+                continue
+            # context parallelism set before apply: the new processor takes the config (or refuses it)
+            follow_model(new, layer, model)
             if _uses_fused_qkv(layer):
                 raise ValueError(
                     f"layer {name} of {type(model).__name__} has fused QKV projections; call "
@@ -302,12 +368,15 @@ def _plan(models: list[tuple[str, nn.Module]], method: str, options: dict[str, A
             changes.append((model, name, layer, old, new))
     if not any_layers:
         raise ValueError(f"{seen_classes} have no attention processors; diffattn patches diffusers attention layers")
-    if not changes:
+    for name in per_layer:
+        if name not in applicable:
+            raise _unknown_layer(method, name, applicable, dict(skipped))
+    if not applicable:
         supported = ", ".join(spec.models) if spec.models else f"models whose attention families are {list(spec.families)}"
         raise ValueError(
             f"method {method!r} does not support {seen_classes}: no layer it applies to. Supported: {supported}"
         )
-    return _Plan(method, config, ctx, changes, skipped)
+    return _Plan(method, config, ctx, changes, skipped, options, dict(settings or {}))
 
 
 def _check_disjoint(plans: list[_Plan], models: list[tuple[str, nn.Module]]) -> None:
@@ -336,7 +405,7 @@ def _install(plan: _Plan, models: list[tuple[str, nn.Module]], pipe: Any) -> Att
     # models are listed up front so a failure half-way is undone completely by remove()
     patch = AttentionPatch(
         method=plan.method, config=plan.config, context=plan.context, models=[m for _, m in models],
-        skipped=plan.skipped,
+        skipped=plan.skipped, options=plan.options, layer_settings=plan.layer_settings,
     )
     try:
         for _, model in models:
@@ -349,17 +418,23 @@ def _install(plan: _Plan, models: list[tuple[str, nn.Module]], pipe: Any) -> Att
         hook = ContextHook(plan.context, pipe)
         for _, model in models:
             patch.hooks.append(model.register_forward_pre_hook(_IntactCheck(patch), with_kwargs=True))
+            # under context parallelism: a sequence the cp plan cannot split is refused before any work
+            patch.hooks.append(model.register_forward_pre_hook(_cp_check, with_kwargs=True))
             patch.hooks.append(model.register_forward_pre_hook(hook, with_kwargs=True))
             # single-stream Flux blocks learn their text length from a block-level hook
             patch.hooks.extend(track_text_len(model))
             setattr(model, _PATCHES, [*getattr(model, _PATCHES, []), patch])
+            if callable(getattr(type(model), _SAVE, None)) and _SAVE not in model.__dict__:
+                model.__dict__[_SAVE] = _stock_save(model)
     except BaseException:
         patch.remove()
         raise
     return patch
 
 
-def apply(pipe_or_model: Any, method: str | dict[str, dict[str, Any]], **options: Any) -> AttentionPatch | PatchGroup:
+def apply(
+    pipe_or_model: Any, method: str | dict[str, dict[str, Any]], *, preset: Any = None, **options: Any
+) -> AttentionPatch | PatchGroup:
     """Set ``method``'s attention processors on a pipeline or a bare denoiser.
 
     Args:
@@ -367,16 +442,29 @@ def apply(pipe_or_model: Any, method: str | dict[str, dict[str, Any]], **options
             patched) or a denoiser ``nn.Module``.
         method: a name from :func:`diffattn.methods`, or ``{name: options}`` for several methods on
             disjoint layers in one call.
-        **options: fields of the method's config dataclass (with a single method name).
+        preset: a :class:`~diffattn.presets.CalibrationPreset`, a preset file or a hub id: its options
+            and per-layer settings, after checking that it was made for this method and this model config
+            (no other options then).
+        **options: fields of the method's config dataclass (with a single method name), and ``layers``:
+            per-layer settings ``{layer name as in AttentionPatch.layers: {option: value} or "dense"}``
+            for the methods that take them (``radial``, ``hilbert_local``, ``agent``); the layers not
+            named get the other options, a ``"dense"`` layer keeps its stock processor.
 
     Returns:
         An :class:`AttentionPatch` (a :class:`PatchGroup` for several methods); also a context manager.
 
     Raises:
-        ValueError: unknown method, a layer another method holds, fused projections, or no layer the
-            method supports. Nothing is applied then.
-        TypeError: an option the method does not have (the message lists the valid ones).
+        ValueError: unknown method, a layer another method holds, fused projections, no layer the
+            method supports, a per-layer setting naming a layer the method does not change (close matches
+            listed), or a preset made for another method or model config. Nothing is applied then.
+        TypeError: an option the method does not have (the message lists the valid ones; per layer too).
     """
+    if preset is not None:
+        if isinstance(method, dict) or options:
+            raise TypeError("preset= carries the options and per-layer settings: give one method name and no other options")
+        found = load_preset(preset)
+        found.check(pipe_or_model, method)
+        options = {**found.options, **({"layers": dict(found.layers)} if found.layers else {})}
     if isinstance(method, dict):
         if options:
             raise TypeError("with several methods, give each its options in the dict: {name: {option: value}}")
@@ -388,7 +476,7 @@ def apply(pipe_or_model: Any, method: str | dict[str, dict[str, Any]], **options
     models = denoisers(pipe_or_model)
     plans = [_plan(models, name, opts) for name, opts in requests]
     _check_disjoint(plans, models)
-    pipe = pipe_or_model if _is_pipeline(pipe_or_model) else None
+    pipe = pipe_or_model if is_pipeline(pipe_or_model) else None
     patches: list[AttentionPatch] = []
     try:
         for plan in plans:

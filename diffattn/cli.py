@@ -247,7 +247,20 @@ def check_generate(args: argparse.Namespace) -> dict[str, Any]:
         check_num_frames(args.num_frames, geo.temporal, model, "--num-frames")
     _check_seed(args.seed, 100)
     _check_device(args.device)
-    attention = args.attention or ("regional_mask" if args.instances else "dense")
+    preset, chosen = None, args.attention
+    if args.preset is not None:  # read and checked now; whether it fits the model is checked once loaded
+        from .presets import PresetError, load
+
+        if args.instances or options:
+            raise UsageError("--preset carries the method's options; it takes no --option or --instances")
+        try:
+            preset = load(args.preset)
+        except (PresetError, FileNotFoundError) as e:
+            raise UsageError(f"--preset: {e}") from None
+        if args.attention not in (None, preset.method):
+            raise UsageError(f"--preset {args.preset} is for method {preset.method!r}, not --attention {args.attention!r}")
+        chosen = preset.method
+    attention = chosen or ("regional_mask" if args.instances else "dense")
     instances = None
     if args.instances:
         if geo.video:
@@ -280,6 +293,7 @@ def check_generate(args: argparse.Namespace) -> dict[str, Any]:
         "model": model,
         "geometry": geo,
         "options": options,
+        "preset": preset,
         "attention": attention,
         "instances": instances,
         "out": out,
@@ -343,7 +357,10 @@ def cmd_generate(args: argparse.Namespace, plan: dict[str, Any]) -> int:
         patch, pipe = None, regional.RegionalControlPipeline(pipe, method=attention, **kw)
         call["instances"] = plan["instances"]
     else:
-        patch = diffattn.apply(pipe, attention, **options) if attention != "none" else None
+        if plan["preset"] is not None:  # refused here when it was made for another model config
+            patch = diffattn.apply(pipe, attention, preset=plan["preset"])
+        else:
+            patch = diffattn.apply(pipe, attention, **options) if attention != "none" else None
         if patch is not None:
             print(patch.headline())
     t0 = time.perf_counter()
@@ -554,6 +571,10 @@ def cmd_evaluate(args: argparse.Namespace, plan: dict[str, Any]) -> int:
     )
     acc = report.get("class_accuracy")
     extra = f" accuracy dense={acc['dense']['accuracy']} method={acc['method']['accuracy']}" if acc else ""
+    fd = report.get("frechet_distance")
+    if fd and fd.get("dense"):
+        d, m = fd["dense"], fd["method"]
+        extra += f" fd dense={d['fd']:.3f}+-{d['std']:.3f} method={m['fd']:.3f}+-{m['std']:.3f} (n={d['n']}, bootstrap std)"
     print(
         f"psnr_db={report['psnr_db']['mean']} ssim={report['ssim']['mean']} "
         f"layer_rel_error={report['layer_rel_error_mean']}{extra} out={args.out}"
@@ -693,6 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention", default=None, help="a method from `diffattn methods`, or 'none' (default: dense; regional_mask with --instances)")
     g.add_argument("--instances", default=None, metavar="BOXES.JSON", help='regional control: [{"box": [x1, y1, x2, y2], "caption": "..."}, ...] normalized; also writes OUT-boxes.png')
     g.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
+    g.add_argument("--preset", default=None, metavar="FILE", help="a calibration preset (JSON file, folder or hub id): its method, options and per-layer settings; refused for another model config")
     g.add_argument("--prompt", default=None)
     g.add_argument("--height", type=int, default=None, help="pixels (a multiple of what the model needs)")
     g.add_argument("--width", type=int, default=None, help="pixels (a multiple of what the model needs)")

@@ -8,7 +8,7 @@ it, so ``import diffattn`` and the CLI's ``--help`` stay light. A third-party me
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,9 @@ class Method:
             ``diffattn mask`` prints it.
         attention: optional ``(config, grid, n_text, text_position) -> fn(q, k, v)`` for methods that are
             not block-sparse (agent attention); ``diffattn bench`` times it against dense SDPA.
+        per_layer: the method takes per-layer settings (``diffattn.apply(..., layers={name: options or
+            "dense"})``): ``make_processor`` is then called with each layer's own config, so it must keep
+            nothing that depends on the config across layers except through the context.
     """
 
     name: str
@@ -59,10 +62,53 @@ class Method:
     block_mask: Callable[..., Any] | None = None
     token_density: Callable[..., float] | None = None
     attention: Callable[..., Any] | None = None
+    per_layer: bool = False
 
     def build_config(self, options: dict[str, Any]) -> Any:
         """The method's config from ``diffattn.apply``'s options (checked: unknown names list the valid ones)."""
         return check_options(self.config, options, f"method {self.name!r}")(**options)
+
+    def layer_configs(self, options: dict[str, Any], layers: Any) -> dict[str, Any]:
+        """Each named layer's config from per-layer settings, built and checked before anything is applied.
+
+        Args:
+            options: the base options (every layer not named gets them).
+            layers: ``{qualified layer name: {option: value} | "dense"}`` (names as in
+                ``AttentionPatch.layers``); a layer's options override the base options.
+
+        Returns:
+            ``{name: config}``, with :data:`DENSE` for the layers that keep their stock processor.
+
+        Raises:
+            TypeError: the method takes no per-layer settings, a malformed mapping, or an unknown option
+                (naming the layer and listing the valid options).
+            ValueError: an invalid value (naming the layer).
+        """
+        if not self.per_layer:
+            able = [m.name for m in all_methods() if m.per_layer]
+            raise TypeError(f"method {self.name!r} takes no per-layer settings (layers=); methods that do: {able}")
+        if not isinstance(layers, Mapping):
+            raise TypeError(f"layers must be a mapping {{layer name: options dict or {DENSE!r}}}, got {type(layers).__name__}")
+        out: dict[str, Any] = {}
+        for name, setting in layers.items():
+            if not isinstance(name, str):
+                raise TypeError(f"layers: names must be strings (as in AttentionPatch.layers), got {name!r}")
+            if setting == DENSE:
+                out[name] = DENSE
+                continue
+            if not isinstance(setting, Mapping):
+                raise TypeError(f"layers[{name!r}] must be an options dict or {DENSE!r}, got {setting!r}")
+            try:
+                out[name] = check_options(self.config, dict(setting), f"method {self.name!r} in layers[{name!r}]")(
+                    **{**options, **setting}
+                )
+            except ValueError as e:
+                raise ValueError(f"layers[{name!r}] of method {self.name!r}: {e}") from e
+        return out
+
+
+DENSE = "dense"  # a per-layer setting: the layer keeps its stock processor
+RESERVED_OPTIONS = ("layers", "preset")  # apply's own arguments: no method config may have these fields
 
 
 def check_options(config_cls: type, options: dict[str, Any], owner: str) -> type:
@@ -122,6 +168,9 @@ def register(method: Method) -> Method:
         raise ValueError(f"method {method.name!r} is already registered")
     if not dataclasses.is_dataclass(method.config):
         raise TypeError(f"config of method {method.name!r} must be a dataclass")
+    taken = sorted({f.name for f in dataclasses.fields(method.config)} & set(RESERVED_OPTIONS))
+    if taken:
+        raise ValueError(f"config of method {method.name!r} has field(s) {taken}, reserved for diffattn.apply")
     _METHODS[method.name] = method
     return method
 

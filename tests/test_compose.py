@@ -79,6 +79,37 @@ def test_two_methods_on_disjoint_layers_in_one_call_or_in_turn(sd):
         assert all(_processors(unet)[k] is v for k, v in before.items())
 
 
+def test_agentsd_with_roictrl_regional_control(sd):
+    """AgentSD on the UNet's self-attention and ROICtrl (a trained-looking adapter) on its cross-attention."""
+    from diffattn.models import ROICtrlAdapter
+
+    unet = sd.unet
+    x, enc = _inputs(unet)
+    base = _out(unet, x, enc)
+    adapter = ROICtrlAdapter.from_unet(unet, roi_sizes=(5, 4, 3))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an untrained adapter is the identity: move it so the regional path acts
+        for p in adapter.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    roi = {"adapter": adapter, "instances": _instances(unet)}
+    with diffattn.apply(unet, "agent"):
+        agent_only = _out(unet, x, enc)
+    with diffattn.apply(unet, "roi", **roi):
+        roi_only = _out(unet, x, enc)
+    with diffattn.apply(unet, {"agent": {}, "roi": roi}) as group:
+        assert [p.method for p in group.patches] == ["agent", "roi"]
+        both = _out(unet, x, enc)
+    for other in (base, agent_only, roi_only):
+        assert (both - other).abs().max() > 1e-4
+    agent = diffattn.apply(unet, "agent")
+    regions = diffattn.apply(unet, "roi", **roi)
+    assert torch.equal(_out(unet, x, enc), both)
+    agent.remove()
+    assert torch.equal(_out(unet, x, enc), roi_only)
+    regions.remove()
+    assert torch.equal(_out(unet, x, enc), base)
+
+
 def test_two_methods_on_one_layer_are_refused_and_nothing_is_applied(sd):
     unet = sd.unet
     before = _processors(unet)

@@ -20,7 +20,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (0, ("diffattn.io", "diffattn.ops")),
     (1, ("diffattn.masks",)),
     (2, ("diffattn.models",)),
-    (3, ("diffattn.context", "diffattn.registry")),
+    (3, ("diffattn.context", "diffattn.registry", "diffattn.denoisers", "diffattn.presets")),
     (4, ("diffattn.processors",)),
     (5, ("diffattn.api", "diffattn")),  # the package root re-exports the api
     (6, ("diffattn.calibrate", "diffattn.benchmark", "diffattn.pipelines")),

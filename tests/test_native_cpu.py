@@ -33,3 +33,19 @@ def test_native_build_failure_warns_once_and_runs_the_torch_path(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second call does not warn again
         block_sparse_attention(q, k, v, bm, backend="gather")
+
+
+def test_a_first_build_says_what_it_is_doing(monkeypatch, tmp_path, capsys):
+    """A first build is about 30-80 s of silence otherwise: one line on stderr says what runs and how long;
+    an already-built kernel (a .so in the build folder) loads without it."""
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(cpp, "_get_build_directory", lambda name, verbose=False: str(tmp_path))
+    monkeypatch.setattr(cpp, "load", lambda **kwargs: "module")
+    assert native_cpu._build() == "module"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "building the native CPU attention kernel" in err and "30-80 s" in err
+    name = f"diffattn_block_sparse_cpu_{native_cpu._capability_flags()[0].lower()}"
+    (tmp_path / f"{name}.so").write_bytes(b"")
+    native_cpu._build()
+    assert capsys.readouterr().err == ""

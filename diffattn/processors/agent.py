@@ -272,6 +272,11 @@ class AgentAttnProcessor(CoreAttnProcessor):
     graph break per applied layer), so a phase is compiled once: no recompile within a phase.
     """
 
+    context_parallel = (
+        "AgentSD merges tokens over a UNet layer's whole token grid (UNets have no context-parallel plan); "
+        "the pooled agent processor of the transformers does run under Ulysses"
+    )
+
     def __init__(
         self,
         config: AgentConfig | None = None,
@@ -632,4 +637,5 @@ METHOD = Method(
             "AttnProcessor2_0 / JointAttnProcessor2_0 / FluxAttnProcessor / WanAttnProcessor"),
     attention=_attention,
     description="agent attention: AgentSD (ToMe-merged agents + step schedule) for UNets, pooled agents for DiTs",
+    per_layer=True,
 )

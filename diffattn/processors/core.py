@@ -19,6 +19,7 @@ where the text ends (rotary embeddings cover both parts). The number of text tok
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,7 @@ from .families import (
     infer_family,
 )
 from .layout import AttentionCore, TokenLayout, dense_core
+from .parallel import check_context_parallel, ulysses_attention, ulysses_degree
 
 __all__ = [
     "CoreAttnProcessor",
@@ -70,9 +72,11 @@ class CoreAttnProcessor:
     # when given.
     core: AttentionCore | None = None
     # Set by diffusers' `set_attention_backend`/context parallelism on whatever processor a module holds;
-    # forwarded to the stock processor when this one falls back to it.
+    # forwarded to the stock processor when this one falls back to it. `_parallel_config` is a property
+    # (below) that refuses, when it is set, a context-parallel config this processor cannot honour.
     _attention_backend: Any = None
-    _parallel_config: Any = None
+    # True, or why this processor cannot run under context parallelism (see processors/parallel.py)
+    context_parallel: Any = True
 
     def __init__(
         self,
@@ -90,6 +94,31 @@ class CoreAttnProcessor:
         self.family = family
         self.text_len = text_len
         self._stock: dict[type, Any] = {}
+
+    # ----- context parallelism ---------------------------------------------------------------------------
+
+    @property
+    def _parallel_config(self) -> Any:
+        """What diffusers' ``enable_parallelism`` set (a ``ParallelConfig``), or ``None``."""
+        return self.__dict__.get("_diffattn_parallel_config")
+
+    @_parallel_config.setter
+    def _parallel_config(self, config: Any) -> None:
+        # Checked when set (enable_parallelism after apply, or apply after it), i.e. before any step.
+        check_context_parallel(self, config, self.__dict__.get("_diffattn_heads", ()))
+        self.__dict__["_diffattn_parallel_config"] = config
+
+    def serve(self, attn: nn.Module) -> None:
+        """Record that this processor runs on ``attn`` (its head count is checked against a Ulysses degree).
+
+        Raises:
+            ValueError: a context-parallel config is set already and its degree does not divide the heads.
+        """
+        heads = getattr(attn, "heads", None)
+        if isinstance(heads, int):
+            known = self.__dict__.setdefault("_diffattn_heads", set())
+            check_context_parallel(self, self._parallel_config, {*known, heads})
+            known.add(heads)
 
     # ----- what methods override -------------------------------------------------------------------------
 
@@ -181,12 +210,27 @@ class CoreAttnProcessor:
             temb=temb,
             text_len=text_len if text_len is not None else self.text_len,
         )
-        if not self.has_core:
-            return family.call_stock(self.stock_processor(family.name, attn), attn, call)
-        layout = family.layout(attn, call)
-        if not self.applies(attn, layout):
-            return family.call_stock(self.stock_processor(family.name, attn), attn, call)
-        return family.run(attn, call, layout, self.attention)
+        # under Ulysses, layers on the split sequence (not HunyuanVideo's text-only token refiner, which runs
+        # on the whole prompt on every rank) exchange tokens for heads around the attention product
+        ulysses = ulysses_degree(self._parallel_config) > 1 and not getattr(attn, TEXT_ONLY_ATTR, False)
+        layout = family.layout(attn, call) if self.has_core else None
+        attend = self.attention
+        if layout is None or not self.applies(attn, layout):
+            stock = self.stock_processor(family.name, attn)
+            if not ulysses or hasattr(stock, "_parallel_config"):
+                return family.call_stock(stock, attn, call)
+            # this family's stock processor (CogVideoX, Mochi) calls SDPA itself and ignores the parallel
+            # config: run its math here, dense, with the Ulysses exchange
+            layout = layout if layout is not None else family.layout(attn, call)
+            attend = dense_core
+        if ulysses:
+            # the core runs on the full sequence (heads / N per rank), not on this rank's shard
+            context = getattr(self, "context", None)
+            attend = functools.partial(
+                ulysses_attention, attend, config=self._parallel_config,
+                total_text=getattr(context, "n_text", None) or None,
+            )
+        return family.run(attn, call, layout, attend)
 
     def __repr__(self) -> str:
         core = getattr(self.core, "__name__", type(self.core).__name__) if self.core is not None else None
@@ -293,6 +337,8 @@ def install_processor(model: nn.Module, processor: Any) -> list[str]:
         current = module.processor
         if family_of_processor(current) is None and not isinstance(current, CoreAttnProcessor):
             continue
+        if isinstance(processor, CoreAttnProcessor):
+            processor.serve(module)
         if hasattr(module, "set_processor"):
             module.set_processor(processor)
         else:

@@ -15,7 +15,7 @@ from ..ops.block_mask import BlockMask, num_blocks
 from ..registry import LayerInfo, Method
 from .core import CoreAttnProcessor
 from .families import FAMILIES
-from .layout import dense_core
+from .layout import TokenLayout, dense_core
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,18 @@ class DenseConfig:
     """No options: dense attention is the reference."""
 
 
+class DenseAttnProcessor(CoreAttnProcessor):
+    """Dense attention through diffattn's processor, on the backend ``set_attention_backend`` chose."""
+
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """:func:`dense_core` on this processor's ``_attention_backend`` (else the active backend)."""
+        return dense_core(q, k, v, layout, attn_mask, backend=self._attention_backend)
+
+
 def _make(config: DenseConfig, ctx: AttentionContext, layer: LayerInfo) -> CoreAttnProcessor:
-    return CoreAttnProcessor(core=dense_core, family=layer.family)
+    return DenseAttnProcessor(family=layer.family)
 
 
 def _full_mask(config: DenseConfig, grid, n_text: int, text_position, block_size: int) -> BlockMask:

@@ -287,4 +287,5 @@ METHOD = Method(
     description="hierarchical local attention in Hilbert order (Scale-DiT): 2-D neighbourhoods as dense blocks",
     block_mask=_block_mask,
     token_density=_token_density,
+    per_layer=True,
 )

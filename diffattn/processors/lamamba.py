@@ -179,6 +179,11 @@ class LaMambaAttnProcessor(CoreAttnProcessor, nn.Module):
         else:
             self.ss2d, self.gate = None, None
 
+    context_parallel = (
+        "lamamba's window attention and SS2D branch need the whole image grid on one rank, and the SS2D "
+        "branch mixes all channels (every head), so neither a shard of the tokens nor of the heads will do"
+    )
+
     def family_of(self, attn: nn.Module, has_rotary: bool | None = None) -> str:
         return self.family or getattr(attn, FAMILY_ATTR, None) or infer_family(attn, has_rotary=has_rotary)
 
@@ -247,6 +252,7 @@ class LaMambaAttnProcessor(CoreAttnProcessor, nn.Module):
 
 def _width(module: nn.Module) -> int:
     to_q = getattr(module, "to_q", None)
+    to_q = getattr(to_q, "base_layer", to_q)  # a projection wrapped by a LoRA (peft)
     if isinstance(to_q, nn.Linear):
         return to_q.out_features
     raise ValueError(f"{type(module).__name__} has no to_q linear: cannot size the SS2D branch")
@@ -258,8 +264,13 @@ def _make(config: LaMambaConfig, ctx: AttentionContext, layer: LayerInfo) -> LaM
     m = _BLOCK.search(layer.name)
     shift = config.window_size // 2 if (config.shift and m is not None and int(m.group(1)) % 2) else 0
     proc = LaMambaAttnProcessor(_width(layer.module), config, context=ctx, shift=shift, family=layer.family)
-    ref = layer.module.to_q.weight
-    return proc.to(device=ref.device, dtype=ref.dtype)
+    to_q = layer.module.to_q
+    to_q = getattr(to_q, "base_layer", to_q)  # under a LoRA (peft)
+    ref = to_q.weight
+    # layerwise casting stores the weights in e.g. float8 and computes in its compute dtype: so do we
+    registry = getattr(to_q, "_diffusers_hook", None)
+    casting = registry.get_hook("layerwise_casting") if registry is not None else None
+    return proc.to(device=ref.device, dtype=casting.compute_dtype if casting is not None else ref.dtype)
 
 
 def _attention(

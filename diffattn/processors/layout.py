@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -55,7 +55,20 @@ AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TokenLayout,
 
 
 def dense_core(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, attn_mask: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: TokenLayout,
+    attn_mask: torch.Tensor | None = None,
+    backend: Any = None,
 ) -> torch.Tensor:
-    """Plain SDPA: what every stock processor computes."""
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    """Plain attention, what every stock processor computes, through diffusers' dispatcher: the backend
+    ``set_attention_backend`` chose (``backend``: a processor's own, else the active one; native SDPA unless
+    the user set another)."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    # the dispatcher takes (batch, tokens, heads, dim)
+    out = dispatch_attention_fn(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, backend=backend
+    )
+    return out.transpose(1, 2)

@@ -334,4 +334,5 @@ METHOD = Method(
     description="radial spatiotemporal attention: O(n log n) static mask for video transformers",
     block_mask=_block_mask,
     token_density=_token_density,
+    per_layer=True,
 )
