@@ -79,6 +79,25 @@ class DigitClassifier(ModelMixin, ConfigMixin):
         x = to_classifier_input(images, size=self.config.image_size).to(device=p.device, dtype=p.dtype)
         return torch.cat([self(x[i : i + batch_size]).argmax(-1) for i in range(0, len(x), batch_size)])
 
+    @torch.no_grad()
+    def embed(self, images: Any, batch_size: int = 256) -> torch.Tensor:
+        """Penultimate activations ``(N, hidden)`` (after the hidden layer's ReLU, before the logits) of
+        images in any format :func:`to_classifier_input` accepts; computed in eval mode (no dropout).
+
+        These are the features :func:`diffattn.testbed.metrics.frechet_distance` fits its Gaussians to.
+        """
+        was_training = self.training
+        self.eval()
+        p = next(self.parameters())
+        x = to_classifier_input(images, size=self.config.image_size).to(device=p.device, dtype=p.dtype)
+        penultimate = self.head[:-1]  # Flatten, Dropout, Linear, ReLU
+        try:
+            return torch.cat(
+                [penultimate(self.features(x[i : i + batch_size] * 2.0 - 1.0)) for i in range(0, len(x), batch_size)]
+            )
+        finally:
+            self.train(was_training)
+
 
 # --------------------------------------------------------------------------------------------------
 # The one image conversion
@@ -172,6 +191,14 @@ def accuracy(model: DigitClassifier, images: Any, labels: Sequence[int] | torch.
     model.train(was_training)
     labels = torch.as_tensor(labels).cpu()
     return float((pred == labels).float().mean())
+
+
+def features(images: Any, classifier: DigitClassifier | None = None, batch_size: int = 256) -> torch.Tensor:
+    """The digit classifier's penultimate activations ``(N, hidden)`` (float32, on the classifier's
+    device) of ``images`` in any format :func:`to_classifier_input` accepts; the shipped classifier
+    unless one is given. See :meth:`DigitClassifier.embed`."""
+    model = classifier if classifier is not None else load_classifier()
+    return model.embed(images, batch_size=batch_size)
 
 
 def as_generated(images: torch.Tensor, size: int = 64) -> np.ndarray:

@@ -12,6 +12,9 @@
   along the trajectory (later layers and steps see inputs that already differ), which is what a user
   of the method gets; ``first_call`` is the error at the first denoiser call, before any step drifted.
 * :func:`per_frame_accuracy` / :func:`temporal_consistency` — for videos (frames of moving digits).
+* :func:`frechet_distance` — FID's formula in the digit classifier's penultimate feature space:
+  generated samples against the held-out real digits (per frame for videos), at one stated sample
+  count, with a bootstrap standard deviation.
 
 Image arguments accept numpy ``NHWC`` (pipelines' ``output_type="np"``), torch ``NCHW`` or a list of
 PIL images; values in ``[0, 1]`` (uint8 is scaled).
@@ -216,6 +219,201 @@ def temporal_consistency(video: Any) -> dict[str, float]:
         "psnr_db": float(psnr(frames[1:], frames[:-1]).mean()),
         "ssim": float(ssim(frames[1:], frames[:-1]).mean()),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Fréchet distance in the digit classifier's feature space
+# --------------------------------------------------------------------------------------------------
+
+FRECHET_ROUNDS = 200  # bootstrap resamples behind a Fréchet distance's noise estimate
+
+
+def gaussian_frechet(mu1: Any, cov1: Any, mu2: Any, cov2: Any) -> float:
+    """Fréchet (2-Wasserstein squared) distance between ``N(mu1, cov1)`` and ``N(mu2, cov2)``:
+
+    ``|mu1 - mu2|^2 + tr(cov1) + tr(cov2) - 2 tr((cov1^1/2 cov2 cov1^1/2)^1/2)``, in float64.
+
+    The trace term goes through two symmetric eigen-decompositions instead of a general matrix square
+    root of ``cov1 @ cov2`` (which is not symmetric and gives complex round-off): ``cov1^1/2`` from
+    ``eigh`` with its eigenvalues clamped at 0, then the eigenvalues of the symmetric PSD product
+    ``cov1^1/2 cov2 cov1^1/2`` (the same as those of ``cov1 @ cov2``), clamped at 0 before their square
+    roots. A tiny negative total from round-off is clamped to 0. Arguments: numpy arrays, tensors or
+    nested lists.
+    """
+    m1, m2 = (torch.as_tensor(np.asarray(m), dtype=torch.float64).flatten() for m in (mu1, mu2))
+    c1, c2 = (torch.atleast_2d(torch.as_tensor(np.asarray(c), dtype=torch.float64)) for c in (cov1, cov2))
+    if m1.shape != m2.shape or c1.shape != c2.shape or c1.shape != (m1.numel(), m1.numel()):
+        raise ValueError(f"means {tuple(m1.shape)}, {tuple(m2.shape)} and covariances {tuple(c1.shape)}, {tuple(c2.shape)} do not match")
+    return _gaussian_frechet(m1, c1, m2, c2)
+
+
+def _gaussian_frechet(m1: torch.Tensor, c1: torch.Tensor, m2: torch.Tensor, c2: torch.Tensor) -> float:
+    w, v = torch.linalg.eigh((c1 + c1.T) / 2)
+    root1 = (v * w.clamp_min(0.0).sqrt()) @ v.T
+    prod = root1 @ c2 @ root1
+    cross = torch.linalg.eigvalsh((prod + prod.T) / 2).clamp_min(0.0).sqrt().sum()
+    d = float((m1 - m2).pow(2).sum() + c1.trace() + c2.trace() - 2.0 * cross)
+    return max(d, 0.0)
+
+
+def _fit(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (unbiased) covariance of ``(M, D)`` float64 feature rows."""
+    return rows.mean(0), torch.atleast_2d(torch.cov(rows.T, correction=1))
+
+
+def _frechet_rows(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to samples ``(n, [F,] D)`` (frames pooled)."""
+    return _gaussian_frechet(*_fit(a.reshape(-1, a.shape[-1])), *_fit(b.reshape(-1, b.shape[-1])))
+
+
+def frechet_features(images: Any, classifier: Any = None, digit_size: int | None = None) -> np.ndarray:
+    """The digit classifier's penultimate features of images or moving-digit videos, float64.
+
+    Images (any format :func:`~diffattn.testbed.classifier.to_classifier_input` accepts) give
+    ``(N, D)``. With ``digit_size``, ``images`` is a batch of videos (``(N, F, H, W, C)`` numpy, or a
+    sequence of per-video frames in any :func:`to_nchw` layout): every frame is cropped to its digit
+    with :func:`locate_digit`, as the class accuracy of videos is, giving ``(N, F, D)``.
+    """
+    from .classifier import load_classifier
+
+    model = classifier if classifier is not None else load_classifier()
+    if digit_size is None:
+        return model.embed(images).double().cpu().numpy()
+    crops = [locate_digit(v, digit_size)[0].float() for v in images]
+    frames = {len(c) for c in crops}
+    if len(frames) != 1:
+        raise ValueError(f"videos must all have the same number of frames, got {sorted(frames)}")
+    feats = model.embed(torch.cat(crops)).double().cpu().numpy()
+    return feats.reshape(len(crops), frames.pop(), -1)
+
+
+def frechet_reference(
+    count: int | None = None, *, num_frames: int | None = None, canvas: int | None = None, digit_size: int | None = None, seed: int = 0
+) -> Any:
+    """Held-out real digits to compare generated samples with.
+
+    Images (``num_frames`` None): the held-out split of :class:`~diffattn.testbed.data.DigitsDataset`
+    (32x32, ``(N, 1, 32, 32)``; all 359 when ``count`` is None). Videos: ``count`` clips of
+    :class:`~diffattn.testbed.data.MovingDigitsDataset` drawn from the held-out digits, with ``num_frames``
+    frames, as ``(count, F, canvas, canvas, 1)`` numpy (so :func:`frechet_features` reads them like
+    generated videos).
+    """
+    from .data import MOVING_CANVAS, MOVING_DIGIT, DigitsDataset, MovingDigitsDataset
+
+    if num_frames is None:
+        images = DigitsDataset("heldout").images
+        if count is not None and not 1 <= count <= len(images):
+            raise ValueError(f"count must be in [1, {len(images)}] (the held-out digits), got {count}")
+        return images if count is None else images[:count]
+    if count is None or count < 1:
+        raise ValueError(f"videos need a count of clips >= 1, got {count}")
+    ds = MovingDigitsDataset(
+        num_clips=count,
+        split="heldout",
+        seed=seed,
+        num_frames=num_frames,
+        canvas=canvas or MOVING_CANVAS,
+        digit_size=digit_size or MOVING_DIGIT,
+    )
+    return np.stack([ds[i]["pixel_values"].permute(1, 2, 3, 0).numpy() for i in range(count)])
+
+
+def frechet_distance_features(
+    generated: Any, reference: Any, *, n: int | None = None, rounds: int = FRECHET_ROUNDS, seed: int = 0
+) -> dict[str, Any]:
+    """Fréchet distance between Gaussians fitted to two feature sets, at an equal sample count, with
+    its bootstrap noise.
+
+    ``generated`` / ``reference``: ``(N, D)`` features of images or ``(N, F, D)`` of videos (a video is
+    one sample; its frames are pooled into the fitted Gaussian). The distance is biased upward by a
+    term that shrinks like ``1/n``, so two values are comparable only at the same ``n``: differing
+    counts are refused unless ``n`` is given, and then each set larger than ``n`` is subsampled
+    (without replacement, seeded) to ``n``, and the result says so.
+
+    The noise is the standard deviation of the distance over ``rounds`` bootstrap resamples (both sets
+    resampled with replacement at ``n``, independently; videos resampled whole, because the frames of
+    one clip are not independent).
+
+    Returns ``{"fd", "std", "n", "frames", "dims", "noise", "rounds", "counts", "subsampled"}``:
+    ``counts`` the sample counts given, ``subsampled`` whether any set was cut down to ``n``.
+    """
+    a, b = np.asarray(generated, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if a.ndim not in (2, 3) or a.ndim != b.ndim or a.shape[1:] != b.shape[1:]:
+        raise ValueError(
+            f"features must both be (N, D) or (N, F, D) with the same trailing shape, got {a.shape} and {b.shape}"
+        )
+    counts = {"generated": len(a), "reference": len(b)}
+    if n is None:
+        if len(a) != len(b):
+            raise ValueError(
+                f"Fréchet distances are compared only at equal sample counts: got {len(a)} generated and "
+                f"{len(b)} reference samples; pass n=... (at most {min(len(a), len(b))}) to subsample both to n"
+            )
+        n = len(a)
+    if not 2 <= n <= min(len(a), len(b)):
+        raise ValueError(f"n must be in [2, {min(len(a), len(b))}] (the smaller sample count), got {n}")
+    if rounds < 2:
+        raise ValueError(f"rounds must be >= 2 for a noise estimate, got {rounds}")
+    rng = np.random.default_rng(seed)
+    a = a if len(a) == n else a[np.sort(rng.choice(len(a), n, replace=False))]
+    b = b if len(b) == n else b[np.sort(rng.choice(len(b), n, replace=False))]
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    draws = [(torch.from_numpy(rng.integers(0, n, n)), torch.from_numpy(rng.integers(0, n, n))) for _ in range(rounds)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 64x64 decompositions: more threads only add synchronisation (badly on a busy CPU)
+    try:
+        fd = _frechet_rows(ta, tb)
+        boot = [_frechet_rows(ta[i], tb[j]) for i, j in draws]
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "fd": fd,
+        "std": float(np.std(boot, ddof=1)),
+        "n": n,
+        "frames": a.shape[1] if a.ndim == 3 else 1,
+        "dims": a.shape[-1],
+        "noise": "bootstrap",
+        "rounds": rounds,
+        "counts": counts,
+        "subsampled": counts != {"generated": n, "reference": n},
+    }
+
+
+def frechet_distance(
+    generated: Any,
+    reference: Any = None,
+    *,
+    n: int | None = None,
+    digit_size: int | None = None,
+    classifier: Any = None,
+    rounds: int = FRECHET_ROUNDS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Fréchet distance of generated digits to held-out real ones in the digit classifier's feature
+    space (its penultimate layer), with its bootstrap noise and the sample count it was measured at.
+
+    ``generated``: images in any format the classifier accepts, or with ``digit_size`` a batch of
+    moving-digit videos (each frame's digit is located and read: the Gaussians are fitted per frame).
+    ``reference``: images / videos in the same form; by default the held-out real digits
+    (:func:`frechet_reference`: the 359 held-out digits for images; for videos as many held-out clips
+    as there are generated ones, of the same length and frame size). Counts must be equal unless ``n``
+    is given (see :func:`frechet_distance_features`, which also describes the returned dict).
+
+    Lower is closer to the data; 0 only for identical Gaussians. Read a difference between two values
+    against their ``std``.
+    """
+    from .classifier import load_classifier
+
+    model = classifier if classifier is not None else load_classifier()
+    feats = frechet_features(generated, model, digit_size)
+    if reference is None:
+        if digit_size is None:
+            reference = frechet_reference()
+        else:
+            side = to_nchw(generated[0]).shape[-1]
+            reference = frechet_reference(len(feats), num_frames=feats.shape[1], canvas=side, digit_size=digit_size, seed=seed)
+    ref = frechet_features(reference, model, digit_size)
+    return frechet_distance_features(feats, ref, n=n, rounds=rounds, seed=seed)
 
 
 # --------------------------------------------------------------------------------------------------
