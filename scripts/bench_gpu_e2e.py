@@ -67,6 +67,7 @@ from diffattn.benchmark import (
     rounds_figures,
     save_figure,
     sync,
+    timeit,
     write_json,
 )
 
@@ -233,7 +234,7 @@ def pick_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int) -
         try:
             with sdpa_kernel([backends[name]]), warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
-                t = median_time(lambda: F.scaled_dot_product_attention(q, k, v), device, repeats)
+                t = timeit(lambda: F.scaled_dot_product_attention(q, k, v), device, repeats)
             out["candidates"][name] = {"seconds": t}
         except RuntimeError as e:  # "No available kernel": not on this device / dtype / shape
             out["candidates"][name] = {"error": str(e).strip().splitlines()[0][:200]}
@@ -262,19 +263,6 @@ def sdpa_priority(chosen: str) -> Iterator[None]:
 
 
 # ----- timing ---------------------------------------------------------------------------------------------
-
-
-def median_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def measure(fn: Callable[[], Any], device: torch.device, repeats: int, stat: str = "median",
