@@ -3,6 +3,8 @@ overlap refused, replaced processors caught, restore exact in any order, the per
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -184,3 +186,35 @@ def test_summary_names_every_layer_with_what_runs_there():
     densities = [float(r.split("block density ")[1].split()[0]) for r in rows]
     assert all(0 < d < 1 for d in densities), rows  # really sparse at this size
     assert all("backend " in r for r in rows)
+
+
+def test_a_mask_that_keeps_every_block_says_so_once():
+    """Radial on a tiny video keeps every 128-token block: a warning says the layer runs dense, once."""
+    from diffattn.processors import core
+
+    pipe = zoo.load("wan")
+    kwargs = zoo.default_call_kwargs("wan")
+    core._DENSE_NOTES.clear()
+    with diffattn.apply(pipe, "radial"):
+        with pytest.warns(UserWarning, match="runs dense attention here: .*keeps every 128-token block"):
+            pipe(**kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # once per shape, not per layer or call
+            pipe(**zoo.default_call_kwargs("wan"))
+    core._DENSE_NOTES.clear()
+    with diffattn.apply(pipe, "radial", block_size=4, granularity="token"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # really sparse: no notice
+            kwargs = zoo.default_call_kwargs("wan")
+            kwargs.update(height=64, width=64, num_frames=17, output_type="latent")
+            pipe(**kwargs)
+
+
+def test_agents_on_too_few_tokens_say_so():
+    from diffattn.processors import core
+
+    pipe = zoo.load("flux")
+    core._DENSE_NOTES.clear()
+    with diffattn.apply(pipe, "agent", num_agents=64):
+        with pytest.warns(UserWarning, match="agent runs dense attention here: .*fewer than 2 x"):
+            pipe(**zoo.default_call_kwargs("flux"))

@@ -46,7 +46,7 @@ from ..ops.agent_attention import agent_attention, agent_grid, pool_agents
 from ..ops.host_copy import to_device_async
 from ..ops.token_merging import bipartite_soft_matching, merge, num_dst, random_partition, unmerge
 from ..registry import LayerInfo, Method, config_from
-from .core import CoreAttnProcessor
+from .core import CoreAttnProcessor, note_dense_here
 from .families import FAMILY_ATTR, NAME_ATTR, TEXT_ONLY_ATTR, infer_family
 from .layout import TokenLayout, dense_core
 
@@ -558,6 +558,11 @@ class PooledAgentAttnProcessor(CoreAttnProcessor):
         grid = self.grid(n_visual)
         ag = agent_grid(grid, self.config.num_agents, self.config.agent_frames)
         if 2 * ag[0] * ag[1] * ag[2] >= n_visual:
+            note_dense_here(
+                "agent", (self.config.num_agents, n_visual),
+                f"{n_visual} visual tokens are fewer than 2 x the {ag[0] * ag[1] * ag[2]} agents (num_agents="
+                f"{self.config.num_agents}): agents would not save work",
+            )
             return dense_core(q, k, v, layout, attn_mask)
         vis = layout.visual_slice(n)
         qv = q[:, :, vis]

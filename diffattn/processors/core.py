@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +53,16 @@ __all__ = [
 
 Applies = Callable[[nn.Module, TokenLayout], bool]
 _TEXT_LEN_HOOK_ATTR = "_diffattn_text_len_hook"
+_DENSE_NOTES: set[tuple] = set()  # (what, shape) already reported by note_dense_here
+
+
+def note_dense_here(what: str, key: tuple, why: str) -> None:
+    """Warn once per process and shape that a method computes dense attention here (no speed-up), instead
+    of running dense silently: e.g. a mask that keeps every block at this size."""
+    if (what, key) in _DENSE_NOTES:
+        return
+    _DENSE_NOTES.add((what, key))
+    warnings.warn(f"{what} runs dense attention here: {why}", UserWarning, stacklevel=3)
 
 
 class CoreAttnProcessor:
@@ -132,6 +143,14 @@ class CoreAttnProcessor:
         """The engine on one call, remembering the backend it ran and the mask for :meth:`describe`."""
         resolved = resolve_backend(q, k, v, bm, backend)
         self.last_sparse_call = (resolved, bm)
+        key = (bm.q_len, bm.kv_len, bm.block_size)
+        # once per shape (one host read of the bitmap), never inside a compiled graph
+        if (type(self).__name__, key) not in _DENSE_NOTES and not torch.compiler.is_compiling() and bool(bm.bitmap.all()):
+            note_dense_here(
+                type(self).__name__, key,
+                f"at {bm.q_len} tokens the mask keeps every {bm.block_size}-token block, so there is no speed-up "
+                "(a longer sequence or a smaller block_size makes it sparse)",
+            )
         return block_sparse_attention(q, k, v, bm, backend=resolved)
 
     def describe(self) -> str:
