@@ -376,6 +376,15 @@ def _plan(models: list[tuple[str, nn.Module]], method: str, options: dict[str, A
         raise ValueError(
             f"method {method!r} does not support {seen_classes}: no layer it applies to. Supported: {supported}"
         )
+    if not changes:  # every layer it applies to was set "dense" by hand: allowed, but never silent
+        import warnings
+
+        warnings.warn(
+            f"diffattn method {method!r} changes no layer: layers= sets all {len(applicable)} layers it applies to "
+            "to 'dense', so the model runs as it was",
+            UserWarning,
+            stacklevel=3,
+        )
     return _Plan(method, config, ctx, changes, skipped, options, dict(settings or {}))
 
 

@@ -315,3 +315,10 @@ def test_generate_with_preset(wan, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "field 'config_hash'" in err and err.count("WanTransformer3DModel with config sha256") == 2
     assert not out2.exists()
+
+
+def test_every_layer_dense_by_hand_says_so(wan):
+    with pytest.warns(UserWarning, match="'radial' changes no layer: layers= sets all 2 layers"):
+        patch = diffattn.apply(wan, "radial", **BASE, layers={W0: "dense", W1: "dense"})
+    assert patch.layers == [] and "dense: 2 per-layer setting" in patch.headline()
+    patch.remove()
