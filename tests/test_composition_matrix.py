@@ -442,7 +442,9 @@ def _check_compile(method: str, feature: str, backend: str):
     # inductor's kernels round differently from eager, and a graph compiled again after restore (or with
     # shapes dynamo has since marked dynamic) may too: exact with the eager backend, `tol` with inductor
     tol = 0.0 if backend == "eager" else cell.tol
-    np.testing.assert_allclose(first, alone, atol=tol, rtol=0)
+    # compiled vs eager: inductor's fused fp32 kernels round in proportion to the values (SD's UNet: 1.2e-4
+    # at 2.3, a relative 5e-5), so that comparison also allows a relative 1e-4
+    np.testing.assert_allclose(first, alone, atol=tol, rtol=0.0 if backend == "eager" else 1e-4)
     np.testing.assert_allclose(second, first, atol=tol, rtol=0)
     _check_restore(pipe, cell.model, stock_compiled, atol=tol)
     torch._dynamo.reset()
