@@ -32,36 +32,22 @@ from .checks import (
     read_instances,
 )
 from .io import IMAGE_SUFFIXES, VIDEO_SUFFIXES
-from .loading import DEFAULT_MODEL, TESTBED_PREFIX, ZOO_PREFIX, load_pipeline, parse_options
+from .loading import DEFAULT_MODEL, TESTBED_PREFIX, call_kwargs, load_pipeline, parse_options
 
-# pipeline class -> the stock processor family its denoiser's attention belongs to (for the method check
-# before loading; diffattn.apply makes the final one on the loaded model)
-_FAMILIES = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sd",
-    "StableDiffusionControlNetPipeline": "sd",
-    "StableDiffusion3Pipeline": "sd3",
-    "PixArtAlphaPipeline": "sd",
-    "FluxPipeline": "flux",
-    "WanPipeline": "wan",
-    "WanImageToVideoPipeline": "wan",
-    "HunyuanVideoPipeline": "hunyuan-video",
-    "MochiPipeline": "mochi",
-    "CogVideoXPipeline": "cogvideox",
-}
-# pipeline class -> its denoiser class (methods list the denoisers they support)
-_DENOISERS = {
-    "StableDiffusionPipeline": "UNet2DConditionModel",
-    "StableDiffusionXLPipeline": "UNet2DConditionModel",
-    "StableDiffusionControlNetPipeline": "UNet2DConditionModel",
-    "StableDiffusion3Pipeline": "SD3Transformer2DModel",
-    "PixArtAlphaPipeline": "PixArtTransformer2DModel",
-    "FluxPipeline": "FluxTransformer2DModel",
-    "WanPipeline": "WanTransformer3DModel",
-    "WanImageToVideoPipeline": "WanTransformer3DModel",
-    "HunyuanVideoPipeline": "HunyuanVideoTransformer3DModel",
-    "MochiPipeline": "MochiTransformer3DModel",
-    "CogVideoXPipeline": "CogVideoXTransformer3DModel",
+# pipeline class -> (the stock processor family of its denoiser's attention, the denoiser class), for the
+# method check before loading (diffattn.apply makes the final one on the loaded model)
+PIPELINE_ATTENTION: dict[str, tuple[str, str]] = {
+    "StableDiffusionPipeline": ("sd", "UNet2DConditionModel"),
+    "StableDiffusionXLPipeline": ("sd", "UNet2DConditionModel"),
+    "StableDiffusionControlNetPipeline": ("sd", "UNet2DConditionModel"),
+    "StableDiffusion3Pipeline": ("sd3", "SD3Transformer2DModel"),
+    "PixArtAlphaPipeline": ("sd", "PixArtTransformer2DModel"),
+    "FluxPipeline": ("flux", "FluxTransformer2DModel"),
+    "WanPipeline": ("wan", "WanTransformer3DModel"),
+    "WanImageToVideoPipeline": ("wan", "WanTransformer3DModel"),
+    "HunyuanVideoPipeline": ("hunyuan-video", "HunyuanVideoTransformer3DModel"),
+    "MochiPipeline": ("mochi", "MochiTransformer3DModel"),
+    "CogVideoXPipeline": ("cogvideox", "CogVideoXTransformer3DModel"),
 }
 _MAX_SEED = 2**63 - 1
 
@@ -144,9 +130,9 @@ def supports(method: str, pipeline: str | None) -> bool | None:
     it; ``None``: not known here (``diffattn.apply`` decides on the loaded model)."""
     from . import registry
 
-    family, denoiser = _FAMILIES.get(pipeline or ""), _DENOISERS.get(pipeline or "")
-    if family is None:
+    if pipeline not in PIPELINE_ATTENTION:
         return None
+    family, denoiser = PIPELINE_ATTENTION[pipeline]
     spec = registry.get(method)
     if spec.families and family not in spec.families:
         return False
@@ -317,19 +303,15 @@ def cmd_generate(args: argparse.Namespace, plan: dict[str, Any]) -> int:
 
     model, options, attention, out = plan["model"], plan["options"], plan["attention"], plan["out"]
     pipe = load_pipeline(model, dtype=DTYPES[args.dtype], device=args.device)
-    call: dict[str, Any] = {}
-    if model.startswith(ZOO_PREFIX):
-        from . import zoo
-
-        call.update(zoo.default_call_kwargs(model[len(ZOO_PREFIX) :]))
-        call.pop("output_type", None)
+    # the source's own keywords (the zoo's tiny sizes, a testbed model's schedule); the generator comes
+    # from --seed below
+    call = call_kwargs(model)
+    call.pop("output_type", None)
     labels: list[str] | None = None
     if model.startswith(TESTBED_PREFIX):
         from .testbed import models
 
         spec = models.get(model[len(TESTBED_PREFIX) :])
-        call.update(spec.call_kwargs)
-        call.pop("output_type", None)
         if plan["labelled"]:
             # no prompt: one sample per class, written as a labelled grid
             labels = spec.captions()

@@ -383,3 +383,25 @@ def test_generate_on_the_default_model_prints_no_warning(tmp_path):
     noisy = [line for line in res.stderr.splitlines() if "warn" in line.lower() or "expected types" in line.lower()]
     assert not noisy, noisy
     assert (tmp_path / "d.png").is_file()
+
+
+def test_the_tables_checked_before_loading_agree_with_the_loaded_models():
+    """checks._ZOO / _TESTBED_MULTIPLE and cli.PIPELINE_ATTENTION describe models without loading them: each
+    row must say what the loaded model is (pipeline class, denoiser class, attention family, frames)."""
+    from diffattn import checks, cli, zoo
+    from diffattn.processors.core import attention_modules
+    from diffattn.processors.families import family_of_processor
+    from diffattn.testbed import models as testbed_models
+
+    assert sorted(checks._ZOO) == sorted(zoo.names())
+    assert sorted(checks._TESTBED_MULTIPLE) == sorted(testbed_models.names())
+    for name, (pipeline, _, frames) in checks._ZOO.items():
+        pipe = zoo.load(name)
+        assert type(pipe).__name__ == pipeline, name
+        assert zoo.default_call_kwargs(name).get("num_frames") == frames, name
+        assert (checks.PIPELINES[pipeline][0] is not None) == (frames is not None), name
+        family, denoiser = cli.PIPELINE_ATTENTION[pipeline]
+        model = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+        assert type(model).__name__ == denoiser, name
+        families = {family_of_processor(m.processor) for m in attention_modules(model).values()} - {None}
+        assert family in families, (name, families)
