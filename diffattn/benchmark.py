@@ -6,16 +6,19 @@ Peak memory is reported as peak RSS on CPU and ``max_memory_allocated`` on GPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 # the --dtype choices of the CLI and the benchmark scripts
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -199,3 +202,61 @@ def engine_call(
     kernel = cpu_kernel(q) if backend == "gather" and on_cpu else None
     return backend, (lambda: block_sparse_attention(q, k, v, bm, backend=requested)), kernel
 
+
+
+# ----- attention time inside a pipeline ---------------------------------------------------------------
+
+
+def _attention_modules(pipe_or_model: Any) -> list[nn.Module]:
+    from .denoisers import denoisers
+    from .processors.core import attention_modules
+
+    return [m for _, model in denoisers(pipe_or_model) for m in attention_modules(model).values()]
+
+
+@dataclass
+class AttentionTime:
+    """Wall time spent inside attention modules while :func:`time_attention` is active.
+
+    Attributes:
+        seconds: summed forward time of every attention module call.
+        calls: the number of those calls.
+        tokens: the distinct token counts of their ``hidden_states`` (sequence length, dim 1), sorted.
+    """
+
+    seconds: float = 0.0
+    calls: int = 0
+    tokens: list[int] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def time_attention(pipe_or_model: Any) -> Iterator[AttentionTime]:
+    """Time every attention module's forward (CPU wall clock; on a GPU, synchronise first) while active.
+
+    The hooks are prepended, so other forward hooks on the same modules (the output recorders of
+    :func:`record_attention_outputs`) run outside the timed span.
+    """
+    timer = AttentionTime()
+    seen: set[int] = set()
+    starts: list[float] = []
+    handles = []
+
+    def pre(mod: nn.Module, args: Any, kwargs: Any) -> None:
+        hs = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hs, torch.Tensor) and hs.dim() >= 2:
+            seen.add(int(hs.shape[1]))
+        starts.append(time.perf_counter())
+
+    def post(mod: nn.Module, args: Any, out: Any) -> None:
+        timer.seconds += time.perf_counter() - starts.pop()
+        timer.calls += 1
+
+    for module in _attention_modules(pipe_or_model):
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+        handles.append(module.register_forward_hook(post, prepend=True))
+    try:
+        yield timer
+    finally:
+        for h in handles:
+            h.remove()
+        timer.tokens = sorted(seen)

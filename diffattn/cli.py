@@ -532,6 +532,13 @@ def check_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     _check_seed(args.seed, args.samples)
     _check_device(args.device)
     _check_family(args.method, model, geo.pipeline)
+    if args.lora is not None:
+        from .testbed.evaluate import lora_weights_file
+
+        try:
+            lora_weights_file(args.lora)
+        except ValueError as e:
+            raise UsageError(str(e).replace("lora:", "--lora:", 1)) from None
     return {"model": model, "out": out, "options": options}
 
 
@@ -550,6 +557,7 @@ def cmd_evaluate(args: argparse.Namespace, plan: dict[str, Any]) -> int:
         device=args.device,
         dtype=args.dtype,
         timing=args.timing,
+        lora=args.lora,
     )
     acc = report.get("class_accuracy")
     extra = f" accuracy dense={acc['dense']['accuracy']} method={acc['method']['accuracy']}" if acc else ""
@@ -560,6 +568,93 @@ def cmd_evaluate(args: argparse.Namespace, plan: dict[str, Any]) -> int:
     print(
         f"psnr_db={report['psnr_db']['mean']} ssim={report['ssim']['mean']} "
         f"layer_rel_error={report['layer_rel_error_mean']}{extra} out={args.out}"
+    )
+    return 0
+
+
+# ----- calibrate -----------------------------------------------------------------------------------------
+
+
+def _seed_list(text: Any, name: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{name} expects comma-separated integers >= 0, got {text!r}") from None
+    if not seeds or any(s < 0 or s > _MAX_SEED for s in seeds):
+        raise UsageError(f"{name} expects comma-separated integers in [0, {_MAX_SEED}], got {text!r}")
+    return seeds
+
+
+def check_calibrate(args: argparse.Namespace) -> dict[str, Any]:
+    from .calibration import DEFAULT_CANDIDATES, Quality, Speed
+
+    model = check_model_source(args.model)
+    out = check_out_file(args.out, {".json"}, "--out", "a preset (JSON)")
+    report = check_out_file(args.report, {".json"}, "--report") if args.report else None
+    heatmap = check_out_file(args.heatmap, IMAGE_SUFFIXES, "--heatmap") if args.heatmap else None
+    if args.method not in DEFAULT_CANDIDATES:
+        raise UsageError(f"--method {args.method!r} cannot be calibrated; calibrated methods: {', '.join(DEFAULT_CANDIDATES)}")
+    if (args.psnr is None) == (args.speed is None):
+        raise UsageError("give exactly one target: --psnr DB (quality against dense) or --speed X (attention speed-up)")
+    try:
+        target = Quality(psnr=args.psnr) if args.psnr is not None else Speed(x=args.speed)
+    except ValueError as e:
+        raise UsageError(f"--{'psnr' if args.psnr is not None else 'speed'}: {e}") from None
+    prompts = args.prompt or []
+    if not prompts or any(not p.strip() for p in prompts):
+        raise UsageError("--prompt: give at least one non-empty prompt (repeatable)")
+    seeds = _seed_list(args.seeds, "--seeds")
+    held_out = _seed_list(args.held_out_seeds, "--held-out-seeds")
+    if set(seeds) & set(held_out):
+        raise UsageError(f"--held-out-seeds must differ from --seeds; both hold {sorted(set(seeds) & set(held_out))}")
+    geo = model_geometry(model)
+    if args.steps is not None:
+        _check_steps(args.steps, geo.min_steps, model)
+    check_int("--sample-steps", args.sample_steps, 1)
+    check_int("--max-trials", args.max_trials, 1)
+    candidates = []
+    for text in args.candidate or []:
+        options = _options([kv for kv in text.split(",") if kv])
+        if not options:
+            raise UsageError(f"--candidate expects KEY=VALUE[,KEY=VALUE...], got {text!r}")
+        _method_config(args.method, options, "--candidate")
+        candidates.append(options)
+    _check_family(args.method, model, geo.pipeline)
+    _check_device(args.device)
+    return {"model": model, "out": out, "report": report, "heatmap": heatmap, "target": target, "prompts": prompts,
+            "seeds": seeds, "held_out": held_out, "candidates": candidates or None}  # fmt: skip
+
+
+def cmd_calibrate(args: argparse.Namespace, plan: dict[str, Any]) -> int:
+    import diffattn
+
+    from .benchmark import DTYPES, write_json
+    from .loading import load
+
+    source = load(plan["model"], dtype=DTYPES[args.dtype], device=args.device)
+    call = {k: v for k, v in source.call_kwargs.items() if k not in ("prompt", "num_inference_steps")}
+    steps = args.steps or source.call_kwargs.get("num_inference_steps")
+    try:
+        result = diffattn.calibrate(
+            source.pipe, args.method, plan["prompts"], target=plan["target"], seeds=plan["seeds"],
+            held_out_seeds=plan["held_out"], num_inference_steps=steps, sample_steps=args.sample_steps,
+            candidates=plan["candidates"], max_trials=args.max_trials, call_kwargs=call,
+        )  # fmt: skip
+    except diffattn.CalibrationError as e:  # the target is out of reach: say so, write nothing
+        print(f"diffattn calibrate: {e}", file=sys.stderr)
+        return 1
+    result.preset(source.pipe).save(plan["out"])
+    if plan["report"] is not None:
+        write_json(plan["report"], {"model": plan["model"], **result.to_dict()})
+    if plan["heatmap"] is not None:
+        result.heatmap(plan["heatmap"])
+    pred, meas = result.predicted, result.measured
+    print(
+        f"{args.method}: {sum(v != 'dense' for v in result.layers.values())}/{len(result.layers)} layers sparse; "
+        f"predicted attention {pred['attention_speedup']}x"
+        + (f", PSNR {pred['psnr_db']} dB on the calibration seeds" if pred["psnr_db"] is not None else "")
+        + f"; measured on held-out seeds {meas['seeds']}: attention {meas['attention_speedup']}x, PSNR {meas['psnr_db']} dB; "
+        f"calibration {result.seconds:.1f} s = {result.seconds / result.generation_seconds:.1f} generations; preset {plan['out']}"
     )
     return 0
 
@@ -754,7 +849,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e.add_argument("--timing", action="store_true", help="add wall times (a field that differs run to run)")
     e.add_argument("--out", default="outputs/evaluate", help="folder for report.json and grid.png")
+    e.add_argument(
+        "--lora", default=None, help="a LoRA trained under the method (folder or .safetensors), used for its samples only"
+    )
     e.set_defaults(fn=cmd_evaluate, check=check_evaluate)
+
+    c = sub.add_parser("calibrate", help="choose a method's setting per layer to a quality or speed target: a preset")
+    c.add_argument("--model", default=DEFAULT_MODEL, help="zoo:NAME, testbed:NAME, a pipeline folder or a hub id")
+    c.add_argument("--method", required=True, help="radial, hilbert_local or agent")
+    c.add_argument("--prompt", action="append", help="a calibration prompt (repeatable)")
+    c.add_argument("--psnr", type=float, default=None, help="target: final output within this PSNR (dB) of dense")
+    c.add_argument("--speed", type=float, default=None, help="target: attention this many times faster than dense")
+    c.add_argument("--seeds", default="0", help="calibration seeds, comma-separated")
+    c.add_argument("--held-out-seeds", dest="held_out_seeds", default="1000", help="verification seeds, comma-separated")
+    c.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    c.add_argument("--sample-steps", dest="sample_steps", type=int, default=4, help="steps the per-layer errors are measured at")
+    c.add_argument("--candidate", action="append", metavar="KEY=VALUE[,KEY=VALUE]", help="a candidate setting (repeatable; default: the method's)")
+    c.add_argument("--max-trials", dest="max_trials", type=int, default=3, help="end-to-end trials of a --psnr target")
+    c.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    c.add_argument("--out", required=True, help="the preset (.json), for `diffattn generate --preset` / diffattn.apply(preset=...)")
+    c.add_argument("--report", default=None, help="also write the per-layer tables and measurements (.json)")
+    c.add_argument("--heatmap", default=None, help="also draw each layer's error per candidate (.png)")
+    c.set_defaults(fn=cmd_calibrate, check=check_calibrate)
 
     tb = sub.add_parser("testbed", help="testbed models, classifier and data: train, data, list")
     tbs = tb.add_subparsers(dest="testbed_command", required=True)

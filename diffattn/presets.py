@@ -5,8 +5,8 @@ A preset names the model it was made for (the denoiser class and a hash of its c
 another model config is refused. Presets are written by hand (:meth:`CalibrationPreset.for_model`), from an
 applied patch (:meth:`CalibrationPreset.from_patch`), saved atomically (:meth:`CalibrationPreset.save`),
 shared on the Hugging Face Hub (:meth:`CalibrationPreset.push_to_hub`) and read back from a file, a folder
-or a hub id (:func:`load`). The calibration search of issue 28 (per-layer settings chosen to a target) will
-write them too; it is not here yet.
+or a hub id (:func:`load`). :func:`diffattn.calibrate` (per-layer settings chosen to a target) writes them
+too (:meth:`diffattn.CalibrationResult.preset`).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (3, ("diffattn.context", "diffattn.registry", "diffattn.denoisers", "diffattn.presets")),
     (4, ("diffattn.processors",)),
     (5, ("diffattn.api", "diffattn")),  # the package root re-exports the api
-    (6, ("diffattn.calibrate", "diffattn.benchmark", "diffattn.pipelines")),
+    (6, ("diffattn.calibration", "diffattn.benchmark", "diffattn.pipelines")),
     (7, ("diffattn.zoo", "diffattn.testbed", "diffattn.testbed.models", "diffattn.testbed.data",
          "diffattn.testbed.classifier", "diffattn.testbed.xpred_wan")),
     (8, ("diffattn.loading", "diffattn.checks")),

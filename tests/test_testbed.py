@@ -437,7 +437,102 @@ def test_evaluate_dense_on_a_digits_folder_scores_classes(tmp_path):
     assert report["psnr_db"]["min"] > 60 and report["layer_rel_error_mean"] < 1e-4
     acc = report["class_accuracy"]
     assert set(acc) == {"dense", "method"} and 0 <= acc["dense"]["accuracy"] <= 1
-    assert set(report["timing"]) == {"dense_s", "method_s"}
+    timing = report["timing"]
+    assert set(timing) == {"dense_s", "method_s", "attention"}
+    attn = timing["attention"]
+    assert 0 < attn["dense_s"] <= timing["dense_s"] and 0 < attn["method_s"] <= timing["method_s"]
+    # Flux: joint blocks see the 256 image tokens, single blocks text + image (16 + 256)
+    assert attn["tokens"] == [256, 272] and attn["speedup"] > 0
+
+
+def test_time_attention_counts_every_attention_call():
+    import time
+
+    from diffattn.benchmark import time_attention
+
+    pipe = TM.build("digits-dit")
+    calls = []
+    handles = [m.register_forward_hook(lambda *a: calls.append(1)) for m in M.attention_layers(pipe).values()]
+    call = {**TM.default_call_kwargs("digits-dit"), "num_inference_steps": 2}
+    t0 = time.perf_counter()
+    with time_attention(pipe) as timer:
+        pipe(**TM.prompt_kwargs(call, ["a 1"], [torch.Generator().manual_seed(0)]))
+    wall = time.perf_counter() - t0
+    for h in handles:
+        h.remove()
+    assert timer.calls == len(calls) > 0 and 0 < timer.seconds < wall
+    assert timer.tokens == [256, 272]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in M.attention_layers(pipe).values())
+
+
+def test_evaluate_lora_applies_to_the_method_samples_only(tmp_path, capsys):
+    # a LoRA with non-zero B on an untrained digits-dit: with it, dense-vs-"dense" is no longer identical;
+    # the dense reference rows of the grid stay pixel-identical to a run without the LoRA
+    from diffattn.lora import adapters
+
+    pipe = TM.build("digits-dit")
+    folder = TM.save(pipe, tmp_path / "dit", "digits-dit")
+    adapters.add_lora(pipe.transformer, rank=2)
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    lora = adapters.save_lora(type(pipe), "transformer", pipe.transformer, tmp_path / "lora")
+    kw = dict(samples=2, steps=2, batch_size=2, progress=False)
+    base = evaluate(str(folder), "dense", out_dir=tmp_path / "a", **kw)
+    tuned = evaluate(str(folder), "dense", out_dir=tmp_path / "b", lora=lora, **kw)
+    assert base["lora"] is None and tuned["lora"] == str(lora)
+    assert base["psnr_db"]["min"] > 60 and tuned["psnr_db"]["mean"] < 60
+    ga, gb = (np.asarray(Image.open(tmp_path / k / "grid.png")) for k in ("a", "b"))
+    # grid layout (comparison_grid): 2 px pad, 12 px captions, 64 px tiles, samples from x = 64
+    dense_rows, method_rows = slice(14, 78), slice(80, 144)
+    assert np.array_equal(ga[dense_rows, 64:], gb[dense_rows, 64:])
+    assert not np.array_equal(ga[method_rows, 64:], gb[method_rows, 64:])
+    # bad input: named, before any sampling
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="lora: .* holds no pytorch_lora_weights"):
+        evaluate(str(folder), "dense", lora=tmp_path / "empty", **kw)
+    args = ["evaluate", "--model", str(folder), "--method", "dense", "--out", str(tmp_path / "c")]
+    assert main([*args, "--lora", str(tmp_path / "missing.txt")]) == 2
+    assert "--lora: expected a LoRA folder or a .safetensors file" in capsys.readouterr().err
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quality_table_script_end_to_end(tmp_path, monkeypatch, capsys):
+    """scripts/quality_table.py on digits-dit and digits-lamamba at 2 samples and 2 steps: every row is
+    scored, the LoRA row is skipped without --agent-lora, the table and its PNG are written, and the
+    paired accuracy difference is the mean of the per-sample differences."""
+    import sys
+
+    mod = _script("quality_table")
+    out = tmp_path / "qt"
+    argv = ["quality_table.py", "--models", "digits-dit,digits-lamamba", "--samples", "2", "--inference-steps", "2", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    mod.main()
+    text = capsys.readouterr().out
+    assert "skip digits-dit / agent (64 pooled agents) + LoRA: no --agent-lora given" in text
+    rec = json.loads(out.with_suffix(".json").read_text())
+    labels = [(r["model"], r["label"]) for r in rec["rows"]]
+    assert labels == [("digits-dit", "agent (64 pooled agents)"), ("digits-dit", "hilbert_local"), ("digits-lamamba", "lamamba (the model)")]
+    for r in rec["rows"][:2]:
+        assert r["samples"] == 2 and r["fd_n"] == 2 and r["attention_speedup"] > 0 and r["tokens"] == [256, 272]
+        assert 0 <= r["accuracy_method"] <= 1 and r["psnr_db"] < 100
+    assert Image.open(out.with_suffix(".png")).height > 100
+    assert "| `digits-dit` | agent (64 pooled agents) | 2 |" in text
+    monkeypatch.setattr(sys, "argv", ["quality_table.py", "--models", "digits-nope"])
+    with pytest.raises(SystemExit):
+        mod.main()
+    assert "--models: unknown ['digits-nope']" in capsys.readouterr().err
 
 
 def test_evaluate_reads_every_frame_of_a_moving_digit(clf):

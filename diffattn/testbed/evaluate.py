@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..benchmark import DTYPES
+from ..benchmark import DTYPES, time_attention
 from ..loading import load
 
 
@@ -59,9 +59,15 @@ def evaluate(
     dtype: str = "fp32",
     timing: bool = False,
     progress: bool = True,
+    lora: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``method`` (with ``options``) against dense attention; write ``report.json`` and
-    ``grid.png`` to ``out_dir`` when given. Returns the report."""
+    ``grid.png`` to ``out_dir`` when given. Returns the report.
+
+    ``lora``: a LoRA folder (``diffattn train``'s output, ``pytorch_lora_weights.safetensors``) or file,
+    trained under ``method``; it is loaded for the method's samples only, so the reference stays the
+    untuned model with dense attention (what the LoRA is meant to recover).
+    """
     from tqdm.auto import tqdm
 
     import diffattn
@@ -75,10 +81,16 @@ def evaluate(
     registry.get(method).build_config(options)  # fail on a bad method or option before any work
     if samples < 1 or batch_size < 1:
         raise ValueError(f"samples and batch_size must be >= 1, got {samples}, {batch_size}")
+    lora_file = lora_weights_file(lora) if lora is not None else None
     target = load(model, dtype=DTYPES[dtype], device=device)
     target.call_kwargs.setdefault("output_type", "np")
     pipe, base = target.pipe, dict(target.call_kwargs)
     diffattn.apply(pipe, method, **options).remove()  # a model the method cannot patch fails before any sampling
+    if lora_file is not None:
+        if not hasattr(pipe, "load_lora_weights"):
+            raise ValueError(f"lora: {type(pipe).__name__} cannot load LoRA weights (no load_lora_weights)")
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=LORA_ADAPTER)
+        pipe.disable_lora()  # on only while the method samples
     if steps is not None:
         base["num_inference_steps"] = steps
     base["output_type"] = "np"
@@ -88,6 +100,8 @@ def evaluate(
     errors = metrics.LayerErrors()
     dense_out, method_out, patched = [], [], 0
     wall = {"dense_s": 0.0, "method_s": 0.0}
+    attn = {"dense_s": 0.0, "method_s": 0.0}  # inside the attention modules only
+    tokens: set[int] = set()
     batches = range(0, samples, batch_size)
     for start in tqdm(batches, desc=f"evaluate {method}", disable=not progress):
         idx = range(start, min(start + batch_size, samples))
@@ -96,15 +110,25 @@ def evaluate(
             gens = [torch.Generator("cpu").manual_seed(seed + i) for i in idx]
             return prompt_kwargs(base, [prompts[i] for i in idx], gens)
 
-        with metrics.record_attention_outputs(pipe) as ref:
+        with metrics.record_attention_outputs(pipe) as ref, time_attention(pipe) as t_dense:
             t0 = time.perf_counter()
             dense_out.append(_outputs(pipe(**kwargs())))
             wall["dense_s"] += time.perf_counter() - t0
-        with diffattn.apply(pipe, method, **options) as patch, metrics.compare_attention_outputs(pipe, ref, errors):
-            patched = len(patch.layers)
-            t0 = time.perf_counter()
-            method_out.append(_outputs(pipe(**kwargs())))
-            wall["method_s"] += time.perf_counter() - t0
+        attn["dense_s"] += t_dense.seconds
+        if lora_file is not None:
+            pipe.enable_lora()
+        try:
+            with diffattn.apply(pipe, method, **options) as patch, metrics.compare_attention_outputs(pipe, ref, errors):
+                patched = len(patch.layers)
+                with time_attention(pipe) as t_method:
+                    t0 = time.perf_counter()
+                    method_out.append(_outputs(pipe(**kwargs())))
+                    wall["method_s"] += time.perf_counter() - t0
+                attn["method_s"] += t_method.seconds
+                tokens.update(t_method.tokens)
+        finally:
+            if lora_file is not None:
+                pipe.disable_lora()
         del ref
 
     dense, approx = np.concatenate(dense_out), np.concatenate(method_out)
@@ -123,6 +147,7 @@ def evaluate(
         "model": model,
         "method": method,
         "options": options,
+        "lora": str(lora) if lora is not None else None,
         "samples": samples,
         "steps": base.get("num_inference_steps"),
         "seed": seed,
@@ -159,12 +184,24 @@ def evaluate(
                 res = {"accuracy": float(np.mean(per)), "per_class": {str(c): float(np.mean(h)) for c, h in hits.items()}}
             else:
                 res = metrics.class_accuracy(arr, labels, classifier=clf)
-            acc[key] = {"accuracy": _r(res["accuracy"]), "per_class": {k: _r(v) for k, v in res["per_class"].items()}}
+                per = [float(p == lab) for p, lab in zip(res["predictions"], labels)]
+            acc[key] = {
+                "accuracy": _r(res["accuracy"]),
+                "per_class": {k: _r(v) for k, v in res["per_class"].items()},
+                # per sample (a video: its frames' mean), so differences between runs can be paired
+                "per_sample": [_r(v) for v in per],
+            }
         report["class_accuracy"] = acc
         report["class_accuracy_of"] = "every frame (digit located)" if video else "each image"
         report["frechet_distance"] = _frechet(dense, approx, video, clf)
     if timing:  # wall times differ run to run: only on request, and outside every compared field
         report["timing"] = {k: round(v, 3) for k, v in wall.items()}
+        report["timing"]["attention"] = {
+            **{k: round(v, 3) for k, v in attn.items()},
+            "speedup": _r(attn["dense_s"] / attn["method_s"]) if attn["method_s"] > 0 else None,
+            "tokens": sorted(tokens),
+            "of": "summed forward time of the attention modules (hidden_states token counts listed), this device",
+        }
     if out_dir is not None:
         from ..benchmark import write_json
         from ..io import save_images
@@ -175,6 +212,22 @@ def evaluate(
         frames_m = approx[:, 0] if video else approx
         save_images([comparison_grid(frames_d, frames_m, method, [str(lab) for lab in labels] if labels else None)], out / "grid.png")
     return report
+
+
+LORA_ADAPTER = "diffattn_eval"  # the adapter name evaluate loads a LoRA under
+
+
+def lora_weights_file(lora: str | os.PathLike) -> Path:
+    """The ``.safetensors`` file of a LoRA given as that file or as the folder holding
+    ``pytorch_lora_weights.safetensors``; ``ValueError`` naming ``lora`` and what was expected otherwise."""
+    path = Path(lora)
+    if path.is_dir():
+        path = path / "pytorch_lora_weights.safetensors"
+        if not path.is_file():
+            raise ValueError(f"lora: {lora} holds no pytorch_lora_weights.safetensors (expected `diffattn train`'s output folder or a .safetensors file)")
+    elif not path.is_file() or path.suffix != ".safetensors":
+        raise ValueError(f"lora: expected a LoRA folder or a .safetensors file, got {str(lora)!r}")
+    return path
 
 
 def _frechet(dense: np.ndarray, approx: np.ndarray, video: bool, clf: Any) -> dict[str, Any]:

@@ -306,6 +306,7 @@ def build_digits_video(
     heads: int = 8,
     patch: int = 4,
     flow_shift: float = 3.0,
+    head_dim: int = 16,
     grey: bool = True,
     x_prediction: bool = True,
 ) -> WanPipeline:
@@ -332,12 +333,12 @@ def build_digits_video(
     transformer = (XPredictionWanTransformer3DModel if x_prediction else WanTransformer3DModel)(
         patch_size=(1, patch, patch),
         num_attention_heads=heads,
-        attention_head_dim=16,
+        attention_head_dim=head_dim,
         in_channels=vae.config.z_dim,
         out_channels=vae.config.z_dim,
         text_dim=32,
         freq_dim=64,
-        ffn_dim=4 * heads * 16,
+        ffn_dim=4 * heads * head_dim,
         num_layers=num_layers,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
