@@ -262,3 +262,28 @@ def test_two_denoisers_with_the_same_layer_names_are_refused():
     pipe = zoo.load("wan22")
     with pytest.raises(ValueError, match="cannot tell this pipeline's denoisers apart"):
         diffattn.calibrate(pipe, "radial", ["a cat"], target=diffattn.Speed(x=2.0), candidates=CANDS)
+
+
+def test_calibration_evidence_script_end_to_end(tmp_path, monkeypatch, one_thread):
+    """scripts/calibration_evidence.py at 2 samples and 2 steps: a row per uniform setting, each with the
+    calibrated choice compared pairwise over the same samples, or the reason there is none."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "calibration_evidence.py"
+    spec = importlib.util.spec_from_file_location("calibration_evidence", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "ev"
+    monkeypatch.setattr(sys, "argv", ["x", "--model", "digits-unet", "--method", "agent", "--samples", "2", "--steps", "2", "--out", str(out)])
+    mod.main()
+    rec = json.loads(out.with_suffix(".json").read_text())
+    assert rec["samples"] == 2 and len(rec["rows"]) == len(CAL._AGENT_SD)
+    for row in rec["rows"]:
+        assert row["uniform"]["setting"] in CAL._AGENT_SD and row["uniform_speedup"] > 0
+        cal = row["calibrated"]
+        if "error" in cal:
+            assert "not reached" in cal["error"] or "no faster than dense" in cal["error"]
+        else:
+            assert row["calibrated_minus_uniform"]["psnr"]["n"] == 2 and cal["calibration_generations"] > 0
