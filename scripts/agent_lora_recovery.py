@@ -19,6 +19,7 @@ Writes ``OUT/agent_lora_recovery.json`` (and the two evaluations' ``report.json`
 from __future__ import annotations
 
 import argparse
+import csv
 import time
 from pathlib import Path
 
@@ -63,15 +64,20 @@ def main() -> None:
     p.add_argument("--num-agents", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--targets", default=TARGETS, help="comma-separated module names LoRA wraps")
+    p.add_argument(
+        "--reuse-lora", action="store_true", help="evaluate the finished LoRA in OUT/lora (training time from its log)"
+    )
     args = p.parse_args()
     if min(args.samples, args.rank, args.steps, args.batch_size, args.num_agents, args.threads) < 1:
         p.error("--samples, --rank, --steps, --batch-size, --num-agents and --threads must be >= 1")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     lora_dir = out / "lora"
-    if lora_dir.exists():
-        p.error(f"--out: {lora_dir} exists; pass another --out (nothing is overwritten)")
-    data = write_image_folder(DigitsDataset("train", channels=3), out / "data", progress=False)
+    if lora_dir.exists() and not args.reuse_lora:
+        p.error(f"--out: {lora_dir} exists; pass another --out (nothing is overwritten) or --reuse-lora")
+    if args.reuse_lora and not (lora_dir / "pytorch_lora_weights.safetensors").is_file():
+        p.error(f"--reuse-lora: {lora_dir} holds no finished LoRA (pytorch_lora_weights.safetensors)")
+    data = out / "data"
     option = f"num_agents={args.num_agents}"
     train_argv = [
         "image", "--model", MODEL, "--data", str(data), "--output", str(lora_dir),
@@ -81,11 +87,16 @@ def main() -> None:
         "--lr-warmup-steps", "50", "--caption-dropout", "0.1", "--max-sequence-length", "16",
         "--timestep-sampling", "logit_normal", "--seed", "0", "--log-every", "20", "--cpu",
     ]  # fmt: skip
-    t0 = time.perf_counter()
-    rc = train_main(train_argv)
-    train_s = time.perf_counter() - t0
-    if rc:
-        raise SystemExit(f"training failed (exit {rc})")
+    if args.reuse_lora:  # the finished run's own clock: its log's last elapsed time
+        with (lora_dir / "logs" / "train_log.csv").open() as f:
+            train_s = float(list(csv.DictReader(f))[-1]["elapsed_s"])
+    else:
+        write_image_folder(DigitsDataset("train", channels=3), data, progress=False)
+        t0 = time.perf_counter()
+        rc = train_main(train_argv)
+        train_s = time.perf_counter() - t0
+        if rc:
+            raise SystemExit(f"training failed (exit {rc})")
     options = {"num_agents": args.num_agents}
     reports = {}
     for key, lora in (("before", None), ("after", lora_dir)):
