@@ -176,6 +176,8 @@ def main() -> None:
             from PIL import Image
 
             grid = np.asarray(Image.open(Path(tmp) / "grid.png"))
+            # the first block of 10 samples only (comparison_grid: 2 px pad, 12 px captions, two 64 px rows)
+            grid = grid[: 2 + 12 + 2 * (64 + 2)]
         rows.append({**base, **_row(report), "lora": report["lora"], "seconds": round(time.perf_counter() - t0, 1)})
         strips.append((f"{model}: {label}", grid, None))
         print(markdown([rows[-1]]).splitlines()[-1])
