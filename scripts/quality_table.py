@@ -47,7 +47,9 @@ ROWS: list[tuple[str, str, dict[str, Any], str, bool]] = [
     ("digits-dit", "hilbert_local", {}, "hilbert_local", False),
     ("digits-video", "radial", {"decay_factor": 1.0, "block_size": 64, "dense_timesteps": 6}, "radial", False),
     ("digits-video", "hilbert_local", {}, "hilbert_local", False),
-    ("digits-video", "agent", {}, "agent (pooled)", False),
+    # 16 agents per latent frame: at the default 64 the agents are the 64 tokens of a latent frame and
+    # every layer stays dense (the processor says so)
+    ("digits-video", "agent", {"num_agents": 16}, "agent (16 pooled agents per latent frame)", False),
 ]
 
 
