@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -204,7 +205,27 @@ def engine_call(
 
 
 
-# ----- attention time inside a pipeline ---------------------------------------------------------------
+# ----- pipeline outputs and attention time inside a pipeline ------------------------------------------
+
+PSNR_CAP_DB = 100.0  # identical outputs: PSNR is infinite; JSON has no infinity, so it is capped here
+
+
+def output_array(out: Any) -> np.ndarray:
+    """A pipeline's output as float64 in [0, 1]: ``(N, H, W, C)`` images or ``(N, F, H, W, C)`` videos.
+
+    Takes ``images`` or ``frames`` as numpy, a torch tensor, or a list of arrays / PIL images; uint8 is
+    scaled to [0, 1].
+    """
+    frames = getattr(out, "frames", None)
+    arr = frames if frames is not None else getattr(out, "images", None)
+    if arr is None:
+        raise TypeError(f"the pipeline returned {type(out).__name__} without images or frames")
+    if isinstance(arr, torch.Tensor):
+        arr = arr.float().cpu().numpy()
+    if isinstance(arr, list):
+        arr = np.stack([np.asarray(a) for a in arr])
+    arr = np.asarray(arr)
+    return arr.astype(np.float64) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float64)
 
 
 def _attention_modules(pipe_or_model: Any) -> list[nn.Module]:

@@ -40,7 +40,7 @@ from torch import nn
 
 from . import registry
 from .api import _plan, apply
-from .benchmark import time_attention
+from .benchmark import PSNR_CAP_DB, output_array, time_attention
 from .context import ContextHook
 from .denoisers import denoisers, is_pipeline
 
@@ -69,7 +69,6 @@ _AGENT_SD = [  # AgentSD on UNet self-attention: fixed phase settings instead of
     {"sx": 2, "sy": 2, "ratio": 0.4, "agent_ratio": 0.5},
     {"sx": 2, "sy": 2, "ratio": 0.2, "agent_ratio": 0.5},
 ]
-PSNR_CAP_DB = 100.0  # identical outputs
 
 
 class CalibrationError(ValueError):
@@ -271,14 +270,6 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(1.0 / mse))
 
 
-def _output(out: Any) -> np.ndarray:
-    for key in ("images", "frames"):
-        value = getattr(out, key, None)
-        if value is not None:
-            return np.asarray(value, dtype=np.float64)
-    raise TypeError(f"the pipeline returned {type(out).__name__} without images or frames")
-
-
 class _Recorder:
     """Forward hooks that, at sampled steps, rerun each layer under every candidate on the dense inputs."""
 
@@ -423,7 +414,7 @@ def calibrate(
     def generate(prompt: str, seed: int) -> np.ndarray:
         device = getattr(pipe, "device", torch.device("cpu"))
         gen = torch.Generator("cpu" if device.type == "mps" else device).manual_seed(seed)
-        return _output(pipe(prompt=prompt, generator=gen, **call))
+        return output_array(pipe(prompt=prompt, generator=gen, **call))
 
     t_start = time.perf_counter()
     runs = [(p, s) for p in prompts for s in seeds]

@@ -20,20 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..benchmark import DTYPES, time_attention
+from ..benchmark import DTYPES, output_array, time_attention
 from ..loading import load
-
-
-def _outputs(out: Any) -> np.ndarray:
-    """Pipeline output -> float array (N, H, W, C) for images or (N, F, H, W, C) for videos, in [0, 1]."""
-    frames = getattr(out, "frames", None)
-    arr = frames if frames is not None else out.images
-    if isinstance(arr, torch.Tensor):
-        arr = arr.float().cpu().numpy()
-    if isinstance(arr, list):
-        arr = np.stack([np.asarray(a) for a in arr])
-    arr = np.asarray(arr)
-    return arr.astype(np.float64) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float64)
 
 
 def _r(x: float) -> float | None:
@@ -112,7 +100,7 @@ def evaluate(
 
         with metrics.record_attention_outputs(pipe) as ref, time_attention(pipe) as t_dense:
             t0 = time.perf_counter()
-            dense_out.append(_outputs(pipe(**kwargs())))
+            dense_out.append(output_array(pipe(**kwargs())))
             wall["dense_s"] += time.perf_counter() - t0
         attn["dense_s"] += t_dense.seconds
         if lora_file is not None:
@@ -122,7 +110,7 @@ def evaluate(
                 patched = len(patch.layers)
                 with time_attention(pipe) as t_method:
                     t0 = time.perf_counter()
-                    method_out.append(_outputs(pipe(**kwargs())))
+                    method_out.append(output_array(pipe(**kwargs())))
                     wall["method_s"] += time.perf_counter() - t0
                 attn["method_s"] += t_method.seconds
                 tokens.update(t_method.tokens)
