@@ -15,6 +15,8 @@ lists them, and ``restore`` still puts back what was there before ``apply``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +92,7 @@ class AttentionPatch:
     active: bool = True
     options: dict[str, Any] = field(default_factory=dict)
     layer_settings: dict[str, Any] = field(default_factory=dict)
+    is_suspended: bool = False
 
     @property
     def layers(self) -> list[str]:
@@ -99,9 +102,33 @@ class AttentionPatch:
     @property
     def replaced(self) -> list[str]:
         """Layers whose processor is no longer the one ``apply`` set (another call replaced it)."""
-        if not self.active:
+        if not self.active or self.is_suspended:
             return []
         return [f"{type(model).__name__}.{name}" for model, name, layer, _, new in self.saved if layer.processor is not new]
+
+    @contextmanager
+    def suspended(self) -> Iterator[AttentionPatch]:
+        """Run the original processors inside the block and this patch's again after it.
+
+        For a pipeline stage that must see the plain model, e.g. stage 1 of
+        :class:`~diffattn.pipelines.HighResPipeline` under a method applied for stage 2.
+
+        Raises:
+            RuntimeError: the patch is removed, already suspended, or its processors were replaced.
+        """
+        if not self.active or self.is_suspended:
+            raise RuntimeError(f"{self!r} cannot be suspended: it is {'suspended' if self.active else 'removed'}")
+        self.check_intact()
+        for _, _, layer, old, _ in self.saved:
+            _set(layer, old)
+        self.is_suspended = True
+        try:
+            yield self
+        finally:
+            self.is_suspended = False
+            if self.active:  # remove() inside the block already put the originals back
+                for _, _, layer, _, new in self.saved:
+                    _set(layer, new)
 
     def summary(self) -> str:
         """One line per attention layer: the method, its processor and, once it has run, the backend and

@@ -14,9 +14,11 @@ generations:
 3. **Choice.** For a trade-off weight ``lam``, every layer takes the candidate (or dense) minimising
    ``error + lam * cost / dense_cost_of_all_layers``; sweeping ``lam`` gives the path of best settings
    from all-dense to cheapest. :class:`Speed` takes the most accurate point of the path whose predicted
-   attention time meets the speed-up. :class:`Quality` bisects the path with end-to-end generations on
-   the calibration seeds (PSNR of the final output against the recorded dense output, same seed) and
-   takes the cheapest point that meets the PSNR.
+   attention time meets the speed-up. :class:`Quality` searches the path with end-to-end generations on
+   the calibration seeds (PSNR of the final output against the recorded dense output, same seed): the
+   first trial at the path's middle, each next at the cheapest point that a model anchored on the trials
+   so far (PSNR falling 20 dB per decade of the summed layer error) predicts meets the target; it takes
+   the cheapest point measured to meet the PSNR.
 4. **Verification.** Dense and the chosen settings generate on held-out seeds; the measured PSNR and
    attention speed-up are reported beside the predicted ones.
 
@@ -131,7 +133,8 @@ class CalibrationResult:
         measured: ``{"attention_speedup", "psnr_db", "seeds"}`` on the held-out seeds.
         seconds: calibration wall time; ``generation_seconds``: one plain dense generation's (the
             verification's, averaged).
-        trials: the end-to-end trials of a quality target (``{"psnr_db", "predicted_speedup"}`` each).
+        trials: the end-to-end trials of a quality target (``{"index", "psnr_db", "predicted_psnr_db",
+            "predicted_speedup"}`` each; ``index``: the point on the path, 0 the most accurate).
     """
 
     method: str
@@ -271,10 +274,17 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class _Recorder:
-    """Forward hooks that, at sampled steps, rerun each layer under every candidate on the dense inputs."""
+    """Forward hooks that, at sampled steps, rerun each layer under every candidate on the dense inputs.
 
-    def __init__(self, layers: list[tuple[str, nn.Module]], procs: list[dict[int, Any]], context: Any, sampled: set[int]):
-        self.layers, self.procs, self.context, self.sampled = layers, procs, context, sampled
+    Only calls through the dense patch's processors count: a pipeline stage that suspends the patch
+    (:meth:`~diffattn.api.AttentionPatch.suspended`, e.g. stage 1 of ``HighResPipeline``) is not one the
+    method will run in, so it is not recorded."""
+
+    def __init__(
+        self, layers: list[tuple[str, nn.Module]], procs: list[dict[int, Any]], context: Any, sampled: set[int],
+        dense: dict[int, Any],
+    ) -> None:  # fmt: skip
+        self.layers, self.procs, self.context, self.sampled, self.dense = layers, procs, context, sampled, dense
         n = len(procs) + 1  # column 0: dense
         self.err = np.zeros((len(layers), n))
         self.cost = np.zeros((len(layers), n))
@@ -292,7 +302,7 @@ class _Recorder:
 
     def _hook(self, i: int) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            if self.context.step_index not in self.sampled:
+            if self.context.step_index not in self.sampled or module.processor is not self.dense[id(module)]:
                 return
             with torch.no_grad():
                 t0 = time.perf_counter()
@@ -343,6 +353,65 @@ def _path(err: np.ndarray, cost: np.ndarray) -> list[np.ndarray]:
         if not front or e < front[-1][1] - 1e-15:
             front.append((key, e))
     return [np.asarray(key) for key, _ in reversed(front)]
+
+
+def _fit_psnr(anchors: list[tuple[float, float]]) -> tuple[float, float]:
+    """``(a, s)`` of ``PSNR = a - s * log10(error_sum)`` through the trials so far.
+
+    Why this form: a small perturbation of every layer's output moves the final output in proportion, so
+    its MSE scales with the square of the summed layer error (20 dB per decade). One trial fixes ``a``
+    with that slope; two or more at different errors fit the slope too (kept within 5-60 dB per decade,
+    else the default)."""
+    pts = [(math.log10(max(e, 1e-12)), p) for e, p in anchors if p < PSNR_CAP_DB]
+    if not pts:
+        return PSNR_CAP_DB, 20.0
+    x = np.array([q[0] for q in pts])
+    y = np.array([q[1] for q in pts])
+    if len(pts) >= 2 and np.ptp(x) > 1e-6:
+        slope = -float(np.polyfit(x, y, 1)[0])
+        if 5.0 <= slope <= 60.0:
+            return float(np.mean(y + slope * x)), slope
+    return float(np.mean(y + 20.0 * x)), 20.0
+
+
+def _quality_search(
+    esum: np.ndarray, trial: Any, target: float, max_trials: int, skip_first: bool = True
+) -> dict[str, Any]:
+    """Find the cheapest path point whose measured PSNR meets ``target`` in at most ``max_trials`` trials.
+
+    ``esum[i]``: the predicted (summed per-layer) error of path point ``i`` (index 0: the most accurate,
+    rising to the cheapest); ``trial(i)``: the measured PSNR of point ``i``. Points are taken as monotone
+    (a cheaper point is no more accurate). The first trial is the middle of the path; each next is the
+    cheapest untried point the model of :func:`_fit_psnr`, anchored on the trials so far, predicts meets
+    the target. The search stops when a met target has no cheaper point predicted to meet it, so one or
+    two trials usually suffice where bisection would take ``log2(len(path))``.
+
+    Returns ``{"ok": (index, psnr) or None, "seen": best (index, psnr) or None, "trials": [...]}``."""
+    lo, hi = (1 if skip_first else 0), len(esum) - 1
+    anchors: list[tuple[float, float]] = []
+    ok = seen = None
+    trials: list[dict[str, Any]] = []
+    while len(trials) < max_trials and lo <= hi:
+        if not anchors:
+            i, predicted = (lo + hi + 1) // 2, None
+        else:
+            a, s = _fit_psnr(anchors)
+            pred = a - s * np.log10(np.maximum(esum, 1e-12))
+            meets = [j for j in range(lo, hi + 1) if pred[j] >= target]
+            if not meets and ok is not None:
+                break  # nothing cheaper is predicted to meet the target
+            i = max(meets) if meets else lo  # none predicted: the most accurate point left
+            predicted = round(float(pred[i]), 3)
+        value = trial(i)
+        anchors.append((float(esum[i]), value))
+        trials.append({"index": int(i), "psnr_db": round(value, 3), "predicted_psnr_db": predicted})
+        if seen is None or value > seen[1]:
+            seen = (i, value)
+        if value >= target:
+            ok, lo = (i, value), i + 1
+        else:
+            hi = i - 1
+    return {"ok": ok, "seen": seen, "trials": trials}
 
 
 def calibrate(
@@ -428,7 +497,8 @@ def calibrate(
         hooks = [m.register_forward_pre_hook(ContextHook(plan.context, pipe), with_kwargs=True) for plan in plans for _, m in models]
         try:
             for prompt, seed in runs:
-                with _Recorder(layers, procs, dense_patch.context, sampled) as rec:
+                dense_procs = {id(layer): new for _, _, layer, _, new in dense_patch.saved}
+                with _Recorder(layers, procs, dense_patch.context, sampled, dense_procs) as rec:
                     dense_out[(prompt, seed)] = generate(prompt, seed)
                 if rec.calls.min() == 0:
                     raise ValueError(
@@ -466,24 +536,20 @@ def calibrate(
             )
         chosen = min(ok, key=lambda c: float(err[np.arange(len(names)), c].sum()))
     else:
-        lo, hi = (0 if path[0].any() else 1), len(path) - 1  # all dense needs no trial
-        best_ok: tuple[np.ndarray, float] | None = None
-        best_seen: tuple[np.ndarray, float] | None = None
-        for _ in range(max_trials):
-            if lo > hi:
-                break
-            mid = (lo + hi + 1) // 2
-            with apply(pipe, method, layers=settings(path[mid])):
+        rows = np.arange(len(names))
+        esum = np.array([float(err[rows, c].sum()) for c in path])
+
+        def trial(i: int) -> float:
+            with apply(pipe, method, layers=settings(path[i])):
                 scores = [_psnr(generate(p, s), dense_out[(p, s)]) for p, s in runs]
             value = float(np.mean(scores))
-            trials.append({"psnr_db": round(value, 3), "predicted_speedup": round(speedup(path[mid]), 3)})
             bar.update()
-            if best_seen is None or value > best_seen[1]:
-                best_seen = (path[mid], value)
-            if value >= target.psnr:
-                best_ok, lo = (path[mid], value), mid + 1
-            else:
-                hi = mid - 1
+            return value
+
+        search = _quality_search(esum, trial, target.psnr, max_trials, skip_first=not path[0].any())
+        trials = [{**t, "predicted_speedup": round(speedup(path[t["index"]]), 3)} for t in search["trials"]]
+        best_ok = (path[search["ok"][0]], search["ok"][1]) if search["ok"] is not None else None
+        best_seen = (path[search["seen"][0]], search["seen"][1]) if search["seen"] is not None else None
         if len(path) == 1:
             raise CalibrationError(
                 f"target Quality(psnr={target.psnr:g}) not reached: no candidate setting measured cheaper than dense "

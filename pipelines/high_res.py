@@ -20,6 +20,8 @@ integer.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,8 @@ from diffusers.utils.torch_utils import randn_tensor
 import diffattn
 
 __all__ = ["HighResPipeline", "LRModulation", "sharpen", "upsample_image"]
+
+_NOTICED: set[bool] = set()  # the applied-methods notice is printed once per process
 
 
 def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -303,6 +307,10 @@ class HighResPipeline(FluxPipeline):
             hr_steps: stage 2 starts at the last ``hr_steps`` steps of the HR schedule (Scale-DiT: 18 of 28).
             radius, lr_radius, lr_mode, lr_window, granularity, backend: ``hilbert_local`` options for stage 2.
             local_attention: False runs stage 2 with dense attention over the same tokens (a baseline).
+                Where diffattn methods are already applied to the transformer (``diffattn.apply(pipe,
+                "hilbert_local", layers=...)``, a calibrated preset, or ``"dense"``), stage 2 runs under
+                them instead, stage 1 with them suspended, and this call's attention options are not used
+                (a notice says so once): this is how :func:`diffattn.calibrate` and presets reach stage 2.
             lr_timestep: the timestep (0-1, 0: clean) whose modulation the LR tokens get
                 (:class:`LRModulation`, which also keeps a bridge's norm/FF LoRA on the LR tokens); ``None``:
                 the stock blocks (LR tokens share the HR step's modulation; every LoRA acts on every token).
@@ -328,15 +336,28 @@ class HighResPipeline(FluxPipeline):
             max_sequence_length=max_sequence_length,
         )
 
-        # ----- stage 1: the LR image with the plain model (a loaded bridge LoRA is switched off) ------------
+        # ----- stage 1: the LR image with the plain model (a loaded bridge LoRA is switched off, methods the
+        # user applied for stage 2 are suspended) --------------------------------------------------------------
+        user_patches = diffattn.applied(self.transformer)
+        if user_patches and not _NOTICED:
+            _NOTICED.add(True)
+            print(
+                f"diffattn: HighResPipeline stage 2 runs the method(s) applied to the transformer "
+                f"({', '.join(p.method for p in user_patches)}); stage 1 runs without them and this call's "
+                "radius / lr_* / local_attention options are not used",
+                file=sys.stderr,
+            )
         bridge = bool(getattr(self.transformer, "peft_config", None))
         if bridge:
             self.disable_lora()
         try:
-            lr_latents = super().__call__(
-                prompt=prompt, height=lr_h, width=lr_w, num_inference_steps=num_inference_steps, generator=generator,
-                output_type="latent", **common,
-            ).images
+            with contextlib.ExitStack() as plain:
+                for p in user_patches:
+                    plain.enter_context(p.suspended())
+                lr_latents = super().__call__(
+                    prompt=prompt, height=lr_h, width=lr_w, num_inference_steps=num_inference_steps, generator=generator,
+                    output_type="latent", **common,
+                ).images
         finally:
             if bridge:
                 self.enable_lora()
@@ -397,7 +418,7 @@ class HighResPipeline(FluxPipeline):
 
         options = dict(radius=radius, lr_radius=lr_radius, lr_mode=lr_mode, lr_window=lr_window,
                        granularity=granularity, lr_ratio=ratio, backend=backend)
-        patch = diffattn.apply(self.transformer, "hilbert_local", **options) if local_attention else None
+        patch = diffattn.apply(self.transformer, "hilbert_local", **options) if local_attention and not user_patches else None
         modulation = LRModulation(self.transformer, lr_timestep) if lr_timestep is not None else None
         if modulation is not None:
             modulation.n_lr = lr_tokens.shape[1]

@@ -7,8 +7,11 @@ For one testbed model and method:
 2. every uniform setting (one candidate on all layers) draws the same samples: PSNR / SSIM against dense
    per sample, class accuracy, attention time;
 3. for each uniform setting, ``diffattn.calibrate`` (calibration seeds 0.., verification seed 999, none of
-   them among the evaluation seeds) is asked for the same attention speed-up the uniform setting measured,
-   ``Speed(x = dense time / uniform time)``, and its choice draws the same samples;
+   them among the evaluation seeds) is asked twice, and each choice draws the same samples:
+   - at equal time: the attention speed-up the uniform setting measured, ``Speed(x = dense / uniform)``
+     (only where the uniform setting is faster than dense);
+   - at equal quality: the uniform setting's mean PSNR, ``Quality(psnr=...)``; its attention time against
+     the uniform setting's is the result;
 4. the paired difference calibrated - uniform (PSNR, SSIM, accuracy) is reported per pair with its
    standard error, beside both measured attention times and the calibration's wall time against one
    generation's.
@@ -16,8 +19,10 @@ For one testbed model and method:
 At the testbed's 64-512 tokens attention time is mostly overhead, so "equal time" is loose there; the
 token counts are in the JSON.
 
-    python scripts/calibration_evidence.py --model digits-unet --method agent --out docs/calibration_unet
+    python scripts/calibration_evidence.py --model digits-unet --method agent --size 96 --out docs/calibration_unet
     python scripts/calibration_evidence.py --model digits-video --method radial --out docs/calibration_video
+    python scripts/calibration_evidence.py --model digits-dit --method hilbert_local --high-res 4 --bridge-steps 200 \
+        --out docs/calibration_high_res
 
 Writes ``OUT.json`` and ``OUT.png`` (the per-layer heat map of the last calibration).
 """
@@ -26,12 +31,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import diffattn
 from diffattn.benchmark import environment, time_attention, write_json
@@ -46,12 +53,16 @@ CANDIDATES: dict[tuple[str, str], list[dict[str, Any]]] = {
 }
 
 
+TOKENS: list[int] = []  # the attention calls' token counts (the last draw's)
+
+
 def _draw(pipe: Any, call: dict[str, Any], seeds: list[int], labels: list[int]) -> tuple[np.ndarray, float]:
     outs, seconds = [], 0.0
-    for seed, label in zip(seeds, labels):
+    for seed, label in tqdm(list(zip(seeds, labels)), desc="samples", leave=False, disable=None):
         with time_attention(pipe) as t:
             out = pipe(**models.prompt_kwargs(call, [caption_for(label)], [torch.Generator().manual_seed(seed)]))
         seconds += t.seconds
+        TOKENS[:] = t.tokens
         outs.append(np.asarray(out.frames[0] if hasattr(out, "frames") else out.images[0]))
     return np.stack(outs), seconds
 
@@ -84,6 +95,12 @@ def main() -> None:
     p.add_argument("--calibration-seeds", type=int, default=2, help="seeds 0..N-1 calibrate")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--num-frames", type=int, default=None, help="video models: frames (default: the trained 29)")
+    p.add_argument("--size", type=int, default=None, help="image models: height = width in px (default: the trained)")
+    p.add_argument("--high-res", type=int, default=None, metavar="SCALE",
+                   help="digits-dit: HighResPipeline at SCALE x the trained side (stage 2 is what is calibrated)")
+    p.add_argument("--hr-steps", type=int, default=16, help="--high-res: stage-2 steps")
+    p.add_argument("--bridge", default=None, help="--high-res: a trained bridge LoRA folder")
+    p.add_argument("--bridge-steps", type=int, default=0, help="--high-res: train the bridge first (eval_high_res's recipe)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="outputs/calibration_evidence")
     args = p.parse_args()
@@ -98,6 +115,29 @@ def main() -> None:
         call["num_inference_steps"] = args.steps
     if args.num_frames is not None:
         call["num_frames"] = args.num_frames
+    if args.size is not None:
+        call["height"] = call["width"] = args.size
+    bridge = None
+    if args.high_res is not None:
+        if args.model != "digits-dit" or args.method != "hilbert_local" or args.high_res < 2:
+            p.error("--high-res needs --model digits-dit --method hilbert_local and a SCALE >= 2")
+        from diffattn.pipelines import HighResPipeline
+
+        pipe = HighResPipeline(**pipe.components)
+        bridge = args.bridge
+        if args.bridge_steps:
+            import tempfile
+
+            from eval_high_res import train_bridge  # the sibling script's recipe (scripts/ is on sys.path)
+
+            ns = argparse.Namespace(base=call["height"], train_steps=args.bridge_steps, radius=8)
+            bridge = str(train_bridge(ns, Path(tempfile.mkdtemp(prefix="calibration_bridge_"))))
+        if bridge:
+            pipe.load_lora_weights(bridge)
+        base = call["height"]
+        call.update(height=base * args.high_res, width=base * args.high_res, lr_height=base, lr_width=base,
+                    hr_steps=args.hr_steps)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
     video = "num_frames" in call
     cands = CANDIDATES.get((args.model, args.method)) or default_candidates(pipe, args.method)
     seeds = [1000 + i for i in range(args.samples)]
@@ -112,51 +152,71 @@ def main() -> None:
     last = None
     prompts = [caption_for(i % 10) for i in range(args.calibration_seeds)]
     cal_call = {k: v for k, v in call.items() if k != "num_inference_steps"}
+    def calibrated(target: Any) -> tuple[Any, float]:
+        t_cal = time.perf_counter()
+        result = diffattn.calibrate(
+            pipe, args.method, prompts, target=target, seeds=list(range(args.calibration_seeds)),
+            held_out_seeds=[999], num_inference_steps=call.get("num_inference_steps"), candidates=cands,
+            call_kwargs=cal_call, progress=False,
+        )  # fmt: skip
+        return result, time.perf_counter() - t_cal
+
+    def evaluate(result: Any, cal_s: float, s_uni: dict[str, list[float]], t_uni: float) -> dict[str, Any]:
+        with result.apply(pipe):
+            cal, t_c = _draw(pipe, call, seeds, labels)
+        s_cal = _scores(cal, dense, labels, clf, video)
+        return {
+            **{k: round(float(np.mean(v)), 4) for k, v in s_cal.items()},
+            "attention_s": round(t_c, 3), "speedup": round(t_dense / t_c, 3), "time_vs_uniform": round(t_c / t_uni, 3),
+            "layers": result.layers, "predicted": result.predicted, "verified": result.measured, "trials": result.trials,
+            "calibration_s": round(cal_s, 1), "calibration_generations": round(cal_s / result.generation_seconds, 2),
+            "minus_uniform": {k: _paired(s_cal[k], s_uni[k]) for k in ("psnr", "ssim", "accuracy")},
+        }  # fmt: skip
+
     for cand in cands:
         with diffattn.apply(pipe, args.method, **cand):
             uni, t_uni = _draw(pipe, call, seeds, labels)
         s_uni = _scores(uni, dense, labels, clf, video)
-        row: dict[str, Any] = {"uniform": cand, "uniform_attention_s": round(t_uni, 3), "dense_attention_s": round(t_dense, 3),
+        row: dict[str, Any] = {"uniform": {**{k: round(float(np.mean(v)), 4) for k, v in s_uni.items()}, "setting": cand},
+                               "uniform_attention_s": round(t_uni, 3), "dense_attention_s": round(t_dense, 3),
                                "uniform_speedup": round(t_dense / t_uni, 3)}  # fmt: skip
-        row["uniform"] = {**{k: round(float(np.mean(v)), 4) for k, v in s_uni.items()}, "setting": cand}
+        # (1) equal attention time: the uniform setting's measured speed-up as a Speed target
         x = t_dense / t_uni
         if x <= 1.0:
-            row["calibrated"] = {"error": f"the uniform setting measured no faster than dense ({x:.3f}x)"}
-            rows.append(row)
-            continue
+            row["at_equal_time"] = {"error": f"the uniform setting measured no faster than dense ({x:.3f}x)"}
+        else:
+            try:
+                result, cal_s = calibrated(diffattn.Speed(x=x))
+                row["at_equal_time"] = evaluate(result, cal_s, s_uni, t_uni)
+                last = result
+            except diffattn.CalibrationError as e:
+                row["at_equal_time"] = {"error": str(e)}
+        # (2) equal quality: the uniform setting's mean PSNR as a Quality target; its attention time is the result
+        psnr_u = float(np.mean(s_uni["psnr"]))
         try:
-            t_cal = time.perf_counter()
-            result = diffattn.calibrate(
-                pipe, args.method, prompts, target=diffattn.Speed(x=x), seeds=list(range(args.calibration_seeds)),
-                held_out_seeds=[999], num_inference_steps=call.get("num_inference_steps"), candidates=cands,
-                call_kwargs=cal_call, progress=False,
-            )  # fmt: skip
-            cal_s = time.perf_counter() - t_cal
+            result, cal_s = calibrated(diffattn.Quality(psnr=min(psnr_u, metrics.PSNR_CAP_DB - 1)))
+            row["at_equal_quality"] = evaluate(result, cal_s, s_uni, t_uni)
+            last = result
         except diffattn.CalibrationError as e:
-            row["calibrated"] = {"error": str(e)}
-            rows.append(row)
-            continue
-        last = result
-        with result.apply(pipe):
-            cal, t_c = _draw(pipe, call, seeds, labels)
-        s_cal = _scores(cal, dense, labels, clf, video)
-        row["calibrated"] = {
-            **{k: round(float(np.mean(v)), 4) for k, v in s_cal.items()},
-            "attention_s": round(t_c, 3), "speedup": round(t_dense / t_c, 3),
-            "layers": result.layers, "predicted": result.predicted, "verified": result.measured,
-            "calibration_s": round(cal_s, 1), "calibration_generations": round(cal_s / result.generation_seconds, 2),
-        }  # fmt: skip
-        row["calibrated_minus_uniform"] = {k: _paired(s_cal[k], s_uni[k]) for k in ("psnr", "ssim", "accuracy")}
+            row["at_equal_quality"] = {"error": str(e)}
         rows.append(row)
-        d = row["calibrated_minus_uniform"]["psnr"]
-        print(f"{cand}: uniform {row['uniform_speedup']}x PSNR {row['uniform']['psnr']:.2f}; calibrated "
-              f"{row['calibrated']['speedup']}x PSNR {row['calibrated']['psnr']:.2f}; diff {d['mean']:+.2f} +- {d['standard_error']:.2f} dB")  # fmt: skip
+        line = f"{cand}: uniform {row['uniform_speedup']}x PSNR {row['uniform']['psnr']:.2f}"
+        for key in ("at_equal_time", "at_equal_quality"):
+            r = row[key]
+            if "error" in r:
+                line += f"; {key}: {r['error'][:90]}"
+            else:
+                d = r["minus_uniform"]["psnr"]
+                line += (f"; {key}: {r['speedup']}x ({r['time_vs_uniform']} of uniform's time) PSNR {r['psnr']:.2f} "
+                         f"(diff {d['mean']:+.2f} +- {d['standard_error']:.2f} dB)")  # fmt: skip
+        print(line, flush=True)
     out = Path(args.out)
     write_json(out.with_suffix(".json"), {
         "model": args.model, "method": args.method, "samples": args.samples, "call": {k: v for k, v in call.items() if k != "output_type"},
         "dense_accuracy": round(float(np.mean(base["accuracy"])), 4), "dense_generation_s": round(gen_s, 3),
+        "attention_tokens": sorted(set(TOKENS)), "bridge": bridge,
         "rows": rows, "environment": environment(),
-        "command": f"python scripts/calibration_evidence.py --model {args.model} --method {args.method} --samples {args.samples}",
+        "command": "python scripts/calibration_evidence.py " + " ".join(sys.argv[1:]),
     })  # fmt: skip
     if last is not None:
         last.heatmap(out.with_suffix(".png"))

@@ -79,6 +79,29 @@ def test_context_manager_and_double_apply(pipes):
         diffattn.restore(pipe)
 
 
+def test_suspended_patch_runs_the_stock_processors_and_comes_back(pipes):
+    pipe = _pipe(pipes, "sd")
+    before = _processors(pipe)
+    base = _run(pipe, "sd")
+    with diffattn.apply(pipe, "agent") as patch:
+        patched = _processors(pipe)
+        sparse = _run(pipe, "sd")
+        with patch.suspended():
+            assert all(_processors(pipe)[k] is v for k, v in before.items())
+            assert np.array_equal(_run(pipe, "sd"), base)  # the intact check does not fire while suspended
+            with pytest.raises(RuntimeError, match="cannot be suspended: it is suspended"):
+                with patch.suspended():
+                    pass
+        assert all(_processors(pipe)[k] is v for k, v in patched.items())
+        assert np.array_equal(_run(pipe, "sd"), sparse) and not np.array_equal(sparse, base)
+        with patch.suspended():
+            patch.remove()  # removing inside the block leaves the stock processors in place
+    assert all(_processors(pipe)[k] is v for k, v in before.items()) and not diffattn.applied(pipe)
+    with pytest.raises(RuntimeError, match="cannot be suspended: it is removed"):
+        with patch.suspended():
+            pass
+
+
 def test_bad_method_and_options(pipes):
     pipe = _pipe(pipes, "sd")
     before = _processors(pipe)

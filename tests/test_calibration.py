@@ -59,11 +59,15 @@ def test_layer_errors_match_a_sparse_layer_in_a_dense_run(video, one_thread):
 
     with diffattn.apply(pipe, "dense") as p:
         hooks = [m.register_forward_pre_hook(diffattn.context.ContextHook(pl.context, pipe), with_kwargs=True) for pl in plans for _, m in models]
-        with CAL._Recorder(layers, procs, p.context, {0}) as rec:
+        dense_procs = {id(layer): new for _, _, layer, _, new in p.saved}
+        with CAL._Recorder(layers, procs, p.context, {0}, dense_procs) as rec:
+            pipe(prompt="a 3", generator=torch.Generator().manual_seed(0), **pipe_kw)
+        with CAL._Recorder(layers, procs, p.context, {0}, dense_procs) as idle, p.suspended():
             pipe(prompt="a 3", generator=torch.Generator().manual_seed(0), **pipe_kw)
         for h in hooks:
             h.remove()
         dense = outputs_at_step0(p)
+    assert idle.calls.sum() == 0  # a suspended patch's calls are not recorded
     assert len(dense) == 2  # classifier-free guidance: two calls at step 0
     assert rec.calls[0] == 2 and (rec.err[:, 0] == 0).all()
     for j, cand in enumerate(CANDS, start=1):
@@ -91,6 +95,48 @@ def test_path_is_a_pareto_front_with_every_uniform_setting_dominated_or_on_it():
             u = np.full(n_layers, j)
             ue, uk = err[rows, u].sum(), cost[rows, u].sum()
             assert any(pe <= ue + 1e-12 and pk <= uk + 1e-12 for pe, pk in zip(e, k))
+
+
+def _monotone_path(rng, n):
+    """A synthetic path: summed errors rising from 0 and a true PSNR that follows 20 dB per decade with a
+    random offset, slope and noise (so the search's model is only roughly right)."""
+    esum = np.concatenate([[0.0], np.sort(rng.uniform(1e-3, 1.0, n - 1))])
+    slope, offset = rng.uniform(12, 30), rng.uniform(5, 25)
+    psnr = np.minimum(100.0, offset - slope * np.log10(np.maximum(esum, 1e-12)) + rng.normal(0, 0.3, n))
+    return esum, np.minimum.accumulate(psnr)  # monotone: a cheaper point is never more accurate
+
+
+def test_quality_search_finds_the_cheapest_point_a_brute_force_scan_finds():
+    """Against a scan over every path point: the search never returns a point that misses the target; it
+    returns the cheapest point meeting it in most cases, and where it stops short (the model predicted the
+    next cheaper point to miss) that point meets the target by under 1.5 dB; it uses fewer trials than
+    bisection (log2 of the path length) on average."""
+    rng = np.random.default_rng(1)
+    used, exact = [], []
+    for _ in range(200):
+        n = int(rng.integers(3, 60))
+        esum, psnr = _monotone_path(rng, n)
+        target = float(rng.uniform(psnr[-1] - 3, psnr[1] + 3))
+        calls = []
+
+        def trial(i, psnr=psnr, calls=calls):
+            calls.append(i)
+            return float(psnr[i])
+
+        found = CAL._quality_search(esum, trial, target, max_trials=n)
+        meets = [i for i in range(1, n) if psnr[i] >= target]
+        if meets:
+            assert found["ok"] is not None and psnr[found["ok"][0]] >= target
+            i = found["ok"][0]
+            exact.append(i == max(meets))
+            assert i == max(meets) or psnr[i + 1] - target < 1.5, (found, meets)
+        else:
+            assert found["ok"] is None and found["seen"] is not None
+        assert len(calls) == len(set(calls)) == len(found["trials"])  # no point tried twice
+        used.append(len(calls))
+        capped = CAL._quality_search(esum, trial, target, max_trials=1)
+        assert len(capped["trials"]) == 1 and capped["trials"][0]["index"] == (n + 1) // 2  # the middle first
+    assert np.mean(used) < np.log2(30) and np.mean(exact) > 0.8
 
 
 @pytest.fixture
@@ -266,7 +312,8 @@ def test_two_denoisers_with_the_same_layer_names_are_refused():
 
 def test_calibration_evidence_script_end_to_end(tmp_path, monkeypatch, one_thread):
     """scripts/calibration_evidence.py at 2 samples and 2 steps: a row per uniform setting, each with the
-    calibrated choice compared pairwise over the same samples, or the reason there is none."""
+    calibrated choices at equal time and at equal quality compared pairwise over the same samples, or the
+    reason there is none."""
     import importlib.util
     import sys
     from pathlib import Path
@@ -276,14 +323,17 @@ def test_calibration_evidence_script_end_to_end(tmp_path, monkeypatch, one_threa
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "ev"
-    monkeypatch.setattr(sys, "argv", ["x", "--model", "digits-unet", "--method", "agent", "--samples", "2", "--steps", "2", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["x", "--model", "digits-unet", "--method", "agent", "--samples", "2", "--steps", "2",
+                                      "--size", "64", "--out", str(out)])  # fmt: skip
     mod.main()
     rec = json.loads(out.with_suffix(".json").read_text())
     assert rec["samples"] == 2 and len(rec["rows"]) == len(CAL._AGENT_SD)
     for row in rec["rows"]:
         assert row["uniform"]["setting"] in CAL._AGENT_SD and row["uniform_speedup"] > 0
-        cal = row["calibrated"]
-        if "error" in cal:
-            assert "not reached" in cal["error"] or "no faster than dense" in cal["error"]
-        else:
-            assert row["calibrated_minus_uniform"]["psnr"]["n"] == 2 and cal["calibration_generations"] > 0
+        for key in ("at_equal_time", "at_equal_quality"):
+            cal = row[key]
+            if "error" in cal:
+                assert any(w in cal["error"] for w in ("not reached", "no faster than dense", "every layer dense"))
+            else:
+                assert cal["minus_uniform"]["psnr"]["n"] == 2 and cal["calibration_generations"] > 0
+    assert rec["attention_tokens"] == [256, 1024] and rec["call"]["height"] == 64

@@ -73,6 +73,71 @@ def test_two_stages_with_lr_tokens_and_scaled_anchors(flux):
     assert abs(dense.images - out.images).max() > 1e-4
 
 
+def test_methods_applied_by_the_user_run_in_stage_2_only(flux):
+    """A hilbert_local patch applied to the pipeline with the call's options gives the pipeline's own stage 2
+    exactly (stage 1 runs the stock processors under it); an applied dense patch gives local_attention=False
+    exactly; per-layer settings (a calibration's) reach stage 2."""
+    import diffattn
+
+    hr = flux
+    own, dense = _call(hr), _call(hr, local_attention=False)
+    seen = []
+
+    def spy(module, args, kwargs):
+        seen.append({type(m.processor).__name__ for m in attention_modules(module).values()})
+
+    handle = hr.transformer.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        with diffattn.apply(hr, "hilbert_local", radius=3, lr_window=4, backend="gather"):
+            user = _call(hr, radius=1)  # the call's radius is not used: the applied patch is
+    finally:
+        handle.remove()
+    assert all("HilbertLocalAttnProcessor" not in s for s in seen[:3]) and seen[3:] and all(
+        s == {"HilbertLocalAttnProcessor"} for s in seen[3:]
+    )
+    assert (user.images == own.images).all()
+    with diffattn.apply(hr, "dense"):
+        assert (_call(hr).images == dense.images).all()
+    names = diffattn.apply(hr, "hilbert_local", radius=3, lr_window=4, backend="gather")
+    layer_names = names.layers
+    names.remove()
+    half = {n: ("dense" if i % 2 else {"radius": 1}) for i, n in enumerate(layer_names)}
+    with diffattn.apply(hr, "hilbert_local", lr_window=4, backend="gather", layers=half):
+        mixed = _call(hr)
+    assert abs(mixed.images - own.images).max() > 1e-4 and abs(mixed.images - dense.images).max() > 1e-4
+    assert not diffattn.applied(hr)
+
+
+def test_calibrate_reaches_stage_2_only(monkeypatch):
+    """diffattn.calibrate on a HighResPipeline: stage 1's calls are not recorded (every layer ran at the
+    sampled stage-2 steps only), and the result applies to stage 2."""
+    import diffattn
+
+    hr = _highres("digits-dit")
+    call = dict(height=64, width=64, lr_height=32, lr_width=32, hr_steps=2, lr_window=4, max_sequence_length=16)
+    counts = []
+    real = diffattn.calibration._Recorder.__exit__
+
+    def count_exit(self, *exc):
+        counts.append(self.calls.copy())
+        return real(self, *exc)
+
+    monkeypatch.setattr(diffattn.calibration._Recorder, "__exit__", count_exit)
+    try:
+        result = diffattn.calibrate(
+            hr, "hilbert_local", ["a 3"], target=diffattn.Quality(psnr=5.0), num_inference_steps=3, sample_steps=3,
+            candidates=[{"radius": 1, "lr_window": 4}, {"radius": 2, "lr_window": 4}], call_kwargs=call, progress=False,
+            max_trials=2,
+        )
+    except diffattn.CalibrationError as e:  # tiny-model timings may make no candidate cheaper than dense
+        assert "not reached" in str(e) or "dense" in str(e)
+    else:
+        assert result.layers and result.measured["psnr_db"] > 0
+    # 3 sampled steps 0, 1, 2; stage 2 runs steps 1 and 2 (hr_steps=2), once each (no CFG)
+    assert counts and (counts[0] == 2).all(), counts
+    assert not diffattn.applied(hr)
+
+
 def test_testbed_dit():
     hr = _highres("digits-dit")
     out = _call(hr, true_cfg_scale=2.0, negative_prompt="")
