@@ -194,7 +194,7 @@ class CalibrationResult:
         from .io import atomic_path
 
         n_layers, n_cand = self.errors.shape
-        fig, ax = plt.subplots(figsize=(1.6 + 1.1 * n_cand, 1.2 + 0.22 * n_layers))
+        fig, ax = plt.subplots(figsize=(2.4 + 1.1 * n_cand, 1.6 + 0.22 * n_layers))
         shown = np.log10(np.maximum(self.errors, 1e-4))
         im = ax.imshow(shown, aspect="auto", cmap="viridis")
         ax.set_xticks(range(n_cand), [_label(c) for c in self.candidates], rotation=30, ha="right", fontsize=7)
@@ -202,7 +202,7 @@ class CalibrationResult:
         for i, name in enumerate(self.layer_names):
             j = self.candidates.index(self.layers.get(name, registry.DENSE))
             ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
-        fig.colorbar(im, ax=ax, label="log10 relative error vs dense")
+        fig.colorbar(im, ax=ax, label="log10 rel. error")
         ax.set_title(f"{self.method}: per-layer error (chosen outlined)", fontsize=9)
         fig.tight_layout()
         with atomic_path(path) as tmp:
@@ -353,6 +353,14 @@ def _path(err: np.ndarray, cost: np.ndarray) -> list[np.ndarray]:
         if not front or e < front[-1][1] - 1e-15:
             front.append((key, e))
     return [np.asarray(key) for key, _ in reversed(front)]
+
+
+def _drop_no_ops(choice: np.ndarray, err: np.ndarray) -> np.ndarray:
+    """``choice`` with dense on every layer whose chosen candidate left its output exactly unchanged (error
+    0 at every sampled call): the method does nothing there (AgentSD below its top UNet level, a mask that
+    keeps everything), so a preset should not claim it, and a choice that is sparse only on such layers is
+    all dense in effect."""
+    return np.where(err[np.arange(len(choice)), choice] == 0, 0, choice)
 
 
 def _fit_psnr(anchors: list[tuple[float, float]]) -> tuple[float, float]:
@@ -565,6 +573,7 @@ def calibrate(
                 {"psnr_db": found[1], "layers": settings(found[0])},
             )
         chosen, predicted_psnr = best_ok
+    chosen = _drop_no_ops(chosen, err)
     choice = settings(chosen)
     if all(v == registry.DENSE for v in choice.values()):
         raise CalibrationError(

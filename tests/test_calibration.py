@@ -139,6 +139,12 @@ def test_quality_search_finds_the_cheapest_point_a_brute_force_scan_finds():
     assert np.mean(used) < np.log2(30) and np.mean(exact) > 0.8
 
 
+def test_layers_the_method_leaves_unchanged_stay_dense():
+    err = np.array([[0.0, 0.3, 0.1], [0.0, 0.0, 0.0], [0.0, 0.2, 0.0]])
+    assert CAL._drop_no_ops(np.array([1, 2, 2]), err).tolist() == [1, 0, 0]
+    assert CAL._drop_no_ops(np.array([0, 1, 1]), err).tolist() == [0, 0, 1]
+
+
 @pytest.fixture
 def fixed_costs(monkeypatch):
     """A stand-in cost model: dense 1.0 s, decay 0.25 0.2 s, decay 1 0.6 s per call (measured times of a
