@@ -302,7 +302,7 @@ class _Recorder:
 
     def _hook(self, i: int) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            if self.context.step_index not in self.sampled or module.processor is not self.dense[id(module)]:
+            if self.context.step_index not in self.sampled or module.processor is not self.dense.get(id(module)):
                 return
             with torch.no_grad():
                 t0 = time.perf_counter()
@@ -504,8 +504,8 @@ def calibrate(
     with apply(pipe, "dense") as dense_patch:
         hooks = [m.register_forward_pre_hook(ContextHook(plan.context, pipe), with_kwargs=True) for plan in plans for _, m in models]
         try:
+            dense_procs = {id(layer): new for _, _, layer, _, new in dense_patch.saved}
             for prompt, seed in runs:
-                dense_procs = {id(layer): new for _, _, layer, _, new in dense_patch.saved}
                 with _Recorder(layers, procs, dense_patch.context, sampled, dense_procs) as rec:
                     dense_out[(prompt, seed)] = generate(prompt, seed)
                 if rec.calls.min() == 0:
