@@ -521,13 +521,14 @@ def calibrate(
             for h in hooks:
                 h.remove()
     err, cost = err / calls[:, None], cost / calls[:, None]
+    rows = np.arange(len(names))
     columns: list[Any] = [registry.DENSE, *cands]
 
     def settings(choice: np.ndarray) -> dict[str, Any]:
         return {name: columns[j] if j else registry.DENSE for name, j in zip(names, choice.tolist())}
 
     def speedup(choice: np.ndarray) -> float:
-        return float(cost[:, 0].sum() / cost[np.arange(len(names)), choice].sum())
+        return float(cost[:, 0].sum() / cost[rows, choice].sum())
 
     path = _path(err, cost)
     trials: list[dict[str, Any]] = []
@@ -542,9 +543,8 @@ def calibrate(
                 f"attention speed-up on this device ({_describe(settings(fastest))}); nothing applied",
                 {"attention_speedup": speedup(fastest), "layers": settings(fastest)},
             )
-        chosen = min(ok, key=lambda c: float(err[np.arange(len(names)), c].sum()))
+        chosen = min(ok, key=lambda c: float(err[rows, c].sum()))
     else:
-        rows = np.arange(len(names))
         esum = np.array([float(err[rows, c].sum()) for c in path])
 
         def trial(i: int) -> float:
@@ -600,7 +600,7 @@ def calibrate(
     return CalibrationResult(
         method=method, target=target, layers=choice, candidates=columns, layer_names=names, errors=err, costs=cost,
         predicted={"attention_speedup": round(speedup(chosen), 3), "psnr_db": None if predicted_psnr is None else round(predicted_psnr, 3),
-                   "error_sum": round(float(err[np.arange(len(names)), chosen].sum()), 6)},
+                   "error_sum": round(float(err[rows, chosen].sum()), 6)},
         measured={"attention_speedup": round(t_dense / t_method, 3) if t_method > 0 else None,
                   "psnr_db": round(float(np.mean(scores)), 3), "seeds": held_out},
         seconds=time.perf_counter() - t_start, generation_seconds=float(np.mean(gen_seconds)), trials=trials,

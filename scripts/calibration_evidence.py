@@ -44,7 +44,8 @@ import torch
 from tqdm import tqdm
 
 import diffattn
-from diffattn.benchmark import environment, time_attention, write_json
+from diffattn.api import PER_LAYER_DENSE
+from diffattn.benchmark import environment, output_array, time_attention, write_json
 from diffattn.calibration import default_candidates
 from diffattn.testbed import metrics, models
 from diffattn.testbed.classifier import load_classifier
@@ -80,7 +81,7 @@ def _block_density(pipe: Any) -> dict[str, Any] | None:
             if last is not None:
                 backends.add(last[0])
                 densities.append(float(last[1].density()))
-        densities += [1.0] * sum(1 for _, why in patch.skipped if why == "per-layer setting")
+        densities += [1.0] * sum(1 for _, why in patch.skipped if why == PER_LAYER_DENSE)
     if not backends:
         return None
     return {"mean_over_layers": round(float(np.mean(densities)), 4), "backends": sorted(backends)}
@@ -92,9 +93,9 @@ def _draw(pipe: Any, call: dict[str, Any], seeds: list[int], labels: list[int]) 
         with time_attention(pipe) as t:
             out = pipe(**models.prompt_kwargs(call, [caption_for(label)], [torch.Generator().manual_seed(seed)]))
         seconds += t.seconds
-        TOKENS[:] = t.tokens
-        DENSITY[:] = [_block_density(pipe)]
-        outs.append(np.asarray(out.frames[0] if hasattr(out, "frames") else out.images[0]))
+        outs.append(output_array(out)[0])
+    TOKENS[:] = t.tokens
+    DENSITY[:] = [_block_density(pipe)]
     return np.stack(outs), seconds
 
 
