@@ -10,17 +10,21 @@ generations:
    error) and each call is timed. The trajectory itself stays dense, so each layer's error is measured on
    the inputs it sees in a dense run and does not depend on the other layers' choices.
 2. **Cost model.** A candidate's cost at a layer is its measured call time on this device (dense's too),
-   so the choice is right for the hardware calibration ran on.
+   so the choice is right for the hardware calibration ran on; where a candidate leaves a layer's output
+   exactly unchanged it does not act there, and costs what dense does (:func:`effective_costs`).
 3. **Choice.** For a trade-off weight ``lam``, every layer takes the candidate (or dense) minimising
    ``error + lam * cost / dense_cost_of_all_layers``; sweeping ``lam`` gives the path of best settings
    from all-dense to cheapest. :class:`Speed` takes the most accurate point of the path whose predicted
    attention time meets the speed-up. :class:`Quality` searches the path with end-to-end generations on
    the calibration seeds (PSNR of the final output against the recorded dense output, same seed): the
    first trial at the path's middle, each next at the cheapest point that a model anchored on the trials
-   so far (PSNR falling 20 dB per decade of the summed layer error) predicts meets the target; it takes
-   the cheapest point measured to meet the PSNR.
+   so far (PSNR falling 20 dB per decade of the summed layer error) predicts meets the target (after a
+   met target, also the next cheaper point if predicted to miss by less than ``SEARCH_SLACK_DB``); it
+   takes the cheapest point measured to meet the PSNR.
 4. **Verification.** Dense and the chosen settings generate on held-out seeds; the measured PSNR and
    attention speed-up are reported beside the predicted ones.
+
+:meth:`CalibrationResult.retarget` repeats steps 3-4 for another target on the same record.
 
 The result becomes a :class:`~diffattn.presets.CalibrationPreset` (:meth:`CalibrationResult.preset`)
 that ``diffattn.apply(pipe, method, preset=...)`` applies. A target that no candidate reaches is a
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +59,7 @@ __all__ = [
     "Speed",
     "calibrate",
     "default_candidates",
+    "effective_costs",
 ]
 
 # Candidate settings per method (every layer may also stay dense). Why these: each spans the method's
@@ -150,6 +156,79 @@ class CalibrationResult:
     generation_seconds: float
     trials: list[dict[str, Any]] = field(default_factory=list)
     device: str = "cpu"
+    _record: Any = field(default=None, repr=False, compare=False)
+
+    def retarget(
+        self, pipe: Any, target: Quality | Speed, *, max_trials: int = 3, held_out_seeds: Sequence[int] | None = None,
+        progress: bool = True,
+    ) -> CalibrationResult:  # fmt: skip
+        """Choose again, for another ``target``, from this calibration's record pass (no re-recording).
+
+        The per-layer errors and costs, the calibration runs' dense outputs and the call are reused; only
+        the choice, a :class:`Quality` target's trials and the held-out verification run. Useful to try
+        several targets, and to compare choices on one cost table (the cost of a call is measured, so two
+        record passes differ by the timing noise).
+
+        Args:
+            pipe: the pipeline this result was calibrated on, with no diffattn method applied.
+            target: the new :class:`Quality` or :class:`Speed` target.
+            max_trials: as in :func:`calibrate`.
+            held_out_seeds: verification seeds (default: this calibration's).
+            progress: show a progress bar.
+
+        Returns:
+            A new :class:`CalibrationResult`; its ``seconds`` is the record pass's plus this choice's, the
+            time a fresh :func:`calibrate` to ``target`` would take.
+
+        Raises:
+            ValueError: a result not made by :func:`calibrate` in this process (e.g. rebuilt from JSON), another
+                pipeline, a pipeline with methods applied, bad ``max_trials`` / ``held_out_seeds``.
+                :class:`CalibrationError` as in :func:`calibrate`.
+            TypeError: a target that is not :class:`Quality` / :class:`Speed`.
+        """
+        rec = self._check_record(pipe)
+        if not isinstance(target, (Quality, Speed)):
+            raise TypeError(f"target must be diffattn.Quality(psnr=...) or diffattn.Speed(x=...), got {target!r}")
+        if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
+            raise ValueError(f"max_trials must be an integer >= 1, got {max_trials!r}")
+        held_out = rec.held_out if held_out_seeds is None else _seed_list("held_out_seeds", held_out_seeds)
+        if set(held_out) & {s for _, s in rec.runs}:
+            raise ValueError("held_out_seeds must differ from the calibration seeds (verification on unseen seeds)")
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_trials + 2 * len(held_out), desc=f"calibrate {rec.method}", disable=not progress)
+        return _choose(pipe, rec, target, max_trials, held_out, bar, time.perf_counter() - rec.seconds)
+
+    def psnr_of(self, pipe: Any, setting: Mapping[str, Any]) -> float:
+        """Mean PSNR against dense of ``setting`` on this calibration's runs (its prompts and seeds, against
+        the dense outputs it recorded): the measure a :class:`Quality` target's trials use, for a setting of
+        your own, e.g. to compare a uniform setting with the calibrated one on the same footing.
+
+        Args:
+            pipe: the pipeline this result was calibrated on, with no diffattn method applied.
+            setting: options for every layer (``{"decay_factor": 1.0}``) or per-layer settings keyed by
+                ``layer_names`` (like ``result.layers``; ``"dense"`` allowed).
+
+        Raises:
+            ValueError: as :meth:`retarget` for the pipeline; an invalid setting as ``diffattn.apply``.
+        """
+        rec = self._check_record(pipe)
+        per_layer = bool(setting) and set(setting) <= set(self.layer_names)
+        patch = apply(pipe, self.method, layers=dict(setting)) if per_layer else apply(pipe, self.method, **dict(setting))
+        with patch:
+            return _runs_psnr(pipe, rec)
+
+    def _check_record(self, pipe: Any) -> _Record:
+        from .api import applied
+
+        rec = self._record
+        if rec is None:
+            raise ValueError("this needs a result made by diffattn.calibrate in this process (it reuses its record pass)")
+        if pipe is not rec.pipe():
+            raise ValueError("this needs the pipeline this result was calibrated on (the record pass is that model's)")
+        if applied(pipe):
+            raise ValueError("this needs the pipeline without diffattn methods applied: call diffattn.restore(pipe) first")
+        return rec
 
     def apply(self, pipe_or_model: Any) -> Any:
         """Apply the chosen settings (``diffattn.apply(pipe, method, layers=...)``); returns the patch."""
@@ -206,7 +285,7 @@ class CalibrationResult:
         ax.set_title(f"{self.method}: per-layer error (chosen outlined)", fontsize=9)
         fig.tight_layout()
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")  # long layer names stay whole
         plt.close(fig)
 
 
@@ -238,13 +317,7 @@ def _check_inputs(
         prompts = [prompts]
     if not isinstance(prompts, Sequence) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-    out_seeds = []
-    for name, value in (("seeds", seeds), ("held_out_seeds", held_out_seeds)):
-        if not isinstance(value, Sequence) or isinstance(value, str) or not value:
-            raise ValueError(f"{name} must be a non-empty list of integers >= 0, got {value!r}")
-        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
-            raise ValueError(f"{name} must be integers >= 0, got {list(value)!r}")
-        out_seeds.append(list(value))
+    out_seeds = [_seed_list("seeds", seeds), _seed_list("held_out_seeds", held_out_seeds)]
     if set(out_seeds[0]) & set(out_seeds[1]):
         raise ValueError(f"held_out_seeds must differ from seeds (verification on unseen seeds); both hold {sorted(set(out_seeds[0]) & set(out_seeds[1]))}")
     for name, value in (("num_inference_steps", num_inference_steps), ("sample_steps", sample_steps), ("max_trials", max_trials)):
@@ -259,6 +332,14 @@ def _check_inputs(
     for c in candidates:
         spec.build_config(dict(c))  # an unknown option / bad value fails here, before any work
     return list(prompts), out_seeds[0], out_seeds[1], [dict(c) for c in candidates]
+
+
+def _seed_list(name: str, value: Any) -> list[int]:
+    if not isinstance(value, Sequence) or isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty list of integers >= 0, got {value!r}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
+        raise ValueError(f"{name} must be integers >= 0, got {list(value)!r}")
+    return list(value)
 
 
 def _rel_error(out: Any, ref: Any) -> float:
@@ -355,12 +436,27 @@ def _path(err: np.ndarray, cost: np.ndarray) -> list[np.ndarray]:
     return [np.asarray(key) for key, _ in reversed(front)]
 
 
+def effective_costs(errors: np.ndarray, costs: np.ndarray) -> np.ndarray:
+    """The cost table calibration chooses on: ``costs`` with dense's cost wherever a candidate left the
+    layer's output exactly unchanged (error 0). The method does not act there (it is dense in effect, and
+    :func:`_drop_no_ops` makes it so), so a measured difference is timing noise, not a gain to buy.
+
+    Args:
+        errors: ``(layers, candidates)`` relative errors, column 0 dense (``CalibrationResult.errors``).
+        costs: ``(layers, candidates)`` measured seconds per call (``CalibrationResult.costs``).
+    """
+    return np.where(errors == 0, costs[:, :1], costs)
+
+
 def _drop_no_ops(choice: np.ndarray, err: np.ndarray) -> np.ndarray:
     """``choice`` with dense on every layer whose chosen candidate left its output exactly unchanged (error
     0 at every sampled call): the method does nothing there (AgentSD below its top UNet level, a mask that
     keeps everything), so a preset should not claim it, and a choice that is sparse only on such layers is
     all dense in effect."""
     return np.where(err[np.arange(len(choice)), choice] == 0, 0, choice)
+
+
+SEARCH_SLACK_DB = 1.5  # the quality search also tries the next cheaper point predicted to miss by less
 
 
 def _fit_psnr(anchors: list[tuple[float, float]]) -> tuple[float, float]:
@@ -391,8 +487,10 @@ def _quality_search(
     rising to the cheapest); ``trial(i)``: the measured PSNR of point ``i``. Points are taken as monotone
     (a cheaper point is no more accurate). The first trial is the middle of the path; each next is the
     cheapest untried point the model of :func:`_fit_psnr`, anchored on the trials so far, predicts meets
-    the target. The search stops when a met target has no cheaper point predicted to meet it, so one or
-    two trials usually suffice where bisection would take ``log2(len(path))``.
+    the target; after a met target with none predicted, the next cheaper point if it is predicted to miss
+    by less than ``SEARCH_SLACK_DB`` (a point meeting the target exactly is predicted either side of it).
+    The search then stops, so two or three trials usually suffice where bisection would take
+    ``log2(len(path))``.
 
     Returns ``{"ok": (index, psnr) or None, "seen": best (index, psnr) or None, "trials": [...]}``."""
     lo, hi = (1 if skip_first else 0), len(esum) - 1
@@ -406,9 +504,11 @@ def _quality_search(
             a, s = _fit_psnr(anchors)
             pred = a - s * np.log10(np.maximum(esum, 1e-12))
             meets = [j for j in range(lo, hi + 1) if pred[j] >= target]
-            if not meets and ok is not None:
-                break  # nothing cheaper is predicted to meet the target
-            i = max(meets) if meets else lo  # none predicted: the most accurate point left
+            if not meets and ok is not None and pred[lo] < target - SEARCH_SLACK_DB:
+                break  # nothing cheaper is predicted to meet the target, or to come close
+            # none predicted: the most accurate point left (after a met target: the next cheaper one, whose
+            # predicted shortfall is within the model's error, as for a point that meets it exactly)
+            i = max(meets) if meets else lo
             predicted = round(float(pred[i]), 3)
         value = trial(i)
         anchors.append((float(esum[i]), value))
@@ -488,18 +588,14 @@ def calibrate(
     if num_inference_steps is not None:
         call["num_inference_steps"] = num_inference_steps
 
-    def generate(prompt: str, seed: int) -> np.ndarray:
-        device = getattr(pipe, "device", torch.device("cpu"))
-        gen = torch.Generator("cpu" if device.type == "mps" else device).manual_seed(seed)
-        return output_array(pipe(prompt=prompt, generator=gen, **call))
-
     t_start = time.perf_counter()
     runs = [(p, s) for p in prompts for s in seeds]
     dense_out: dict[tuple[str, int], np.ndarray] = {}
     bar = tqdm(total=len(runs) + max_trials + 2 * len(held_out), desc=f"calibrate {method}", disable=not progress)
-    gen_seconds = []  # plain dense generations (the verification's): the unit calibration time is read in
     num = call.get("num_inference_steps") or _default_steps(pipe)
-    sampled = {int(round(x)) for x in np.linspace(0, num - 1, min(sample_steps, num))}
+    # A pipeline with stages (HighResPipeline) says at which steps applied methods run; sample among those.
+    steps = list(pipe.method_steps(**{**call, "num_inference_steps": num})) if hasattr(pipe, "method_steps") else list(range(num))
+    sampled = {steps[int(round(x))] for x in np.linspace(0, len(steps) - 1, min(sample_steps, len(steps)))}
     err = cost = calls = None
     with apply(pipe, "dense") as dense_patch:
         hooks = [m.register_forward_pre_hook(ContextHook(plan.context, pipe), with_kwargs=True) for plan in plans for _, m in models]
@@ -507,7 +603,7 @@ def calibrate(
             dense_procs = {id(layer): new for _, _, layer, _, new in dense_patch.saved}
             for prompt, seed in runs:
                 with _Recorder(layers, procs, dense_patch.context, sampled, dense_procs) as rec:
-                    dense_out[(prompt, seed)] = generate(prompt, seed)
+                    dense_out[(prompt, seed)] = _generate(pipe, call, prompt, seed)
                 if rec.calls.min() == 0:
                     raise ValueError(
                         f"no layer ran at the sampled steps {sorted(sampled)}: the pipeline ran another step count; "
@@ -521,8 +617,50 @@ def calibrate(
             for h in hooks:
                 h.remove()
     err, cost = err / calls[:, None], cost / calls[:, None]
+    record = _Record(
+        pipe=weakref.ref(pipe), method=method, names=names, columns=[registry.DENSE, *cands], errors=err, costs=cost,
+        runs=runs, dense_out=dense_out, call=call, held_out=held_out, seconds=time.perf_counter() - t_start,
+    )  # fmt: skip
+    return _choose(pipe, record, target, max_trials, held_out, bar, t_start)
+
+
+def _generate(pipe: Any, call: Mapping[str, Any], prompt: str, seed: int) -> np.ndarray:
+    device = getattr(pipe, "device", torch.device("cpu"))
+    gen = torch.Generator("cpu" if device.type == "mps" else device).manual_seed(seed)
+    return output_array(pipe(prompt=prompt, generator=gen, **call))
+
+
+def _runs_psnr(pipe: Any, rec: _Record) -> float:
+    """Mean PSNR of the pipeline as it stands (a method applied) against the record's dense outputs."""
+    return float(np.mean([_psnr(_generate(pipe, rec.call, p, s), rec.dense_out[(p, s)]) for p, s in rec.runs]))
+
+
+@dataclass
+class _Record:
+    """What the record pass measured, kept in the result so :meth:`CalibrationResult.retarget` can choose
+    again without re-recording. ``pipe``: a weak reference (a result does not keep a pipeline alive);
+    ``seconds``: the record pass's wall time."""
+
+    pipe: weakref.ref
+    method: str
+    names: list[str]
+    columns: list[Any]
+    errors: np.ndarray
+    costs: np.ndarray
+    runs: list[tuple[str, int]]
+    dense_out: dict[tuple[str, int], np.ndarray]
+    call: dict[str, Any]
+    held_out: list[int]
+    seconds: float
+
+
+def _choose(
+    pipe: Any, rec: _Record, target: Quality | Speed, max_trials: int, held_out: list[int], bar: Any, t_start: float
+) -> CalibrationResult:
+    """Steps 3-4 of the module docstring on a record pass: the choice for ``target``, then verification."""
+    err, names, columns, method, runs = rec.errors, rec.names, rec.columns, rec.method, rec.runs
+    cost = effective_costs(err, rec.costs)
     rows = np.arange(len(names))
-    columns: list[Any] = [registry.DENSE, *cands]
 
     def settings(choice: np.ndarray) -> dict[str, Any]:
         return {name: columns[j] if j else registry.DENSE for name, j in zip(names, choice.tolist())}
@@ -549,8 +687,7 @@ def calibrate(
 
         def trial(i: int) -> float:
             with apply(pipe, method, layers=settings(path[i])):
-                scores = [_psnr(generate(p, s), dense_out[(p, s)]) for p, s in runs]
-            value = float(np.mean(scores))
+                value = _runs_psnr(pipe, rec)
             bar.update()
             return value
 
@@ -583,28 +720,28 @@ def calibrate(
     bar.total = bar.n + 2 * len(held_out)  # a quality search may stop before max_trials
     bar.refresh()
     # verification on held-out seeds: dense, then the choice; attention time summed over the attention modules
-    scores, t_dense, t_method = [], 0.0, 0.0
+    scores, t_dense, t_method, gen_seconds = [], 0.0, 0.0, []
     for seed in held_out:
         with apply(pipe, "dense"), time_attention(pipe) as td:
             t0 = time.perf_counter()
-            ref = generate(prompts[0], seed)
-            gen_seconds.append(time.perf_counter() - t0)
+            ref = _generate(pipe, rec.call, runs[0][0], seed)
+            gen_seconds.append(time.perf_counter() - t0)  # a plain dense generation: calibration time's unit
         bar.update()
         with apply(pipe, method, layers=choice), time_attention(pipe) as tm:
-            got = generate(prompts[0], seed)
+            got = _generate(pipe, rec.call, runs[0][0], seed)
         bar.update()
         scores.append(_psnr(got, ref))
         t_dense, t_method = t_dense + td.seconds, t_method + tm.seconds
     bar.close()
     device = getattr(pipe, "device", torch.device("cpu"))
     return CalibrationResult(
-        method=method, target=target, layers=choice, candidates=columns, layer_names=names, errors=err, costs=cost,
+        method=method, target=target, layers=choice, candidates=columns, layer_names=names, errors=err, costs=rec.costs,
         predicted={"attention_speedup": round(speedup(chosen), 3), "psnr_db": None if predicted_psnr is None else round(predicted_psnr, 3),
                    "error_sum": round(float(err[rows, chosen].sum()), 6)},
         measured={"attention_speedup": round(t_dense / t_method, 3) if t_method > 0 else None,
                   "psnr_db": round(float(np.mean(scores)), 3), "seeds": held_out},
         seconds=time.perf_counter() - t_start, generation_seconds=float(np.mean(gen_seconds)), trials=trials,
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type, _record=rec,
     )  # fmt: skip
 
 

@@ -266,6 +266,17 @@ class HighResPipeline(FluxPipeline):
         b, c, h, w = z.shape
         return self._pack_latents(z, b, c, h, w)
 
+    def method_steps(self, num_inference_steps: int | None = None, hr_steps: int | None = None, **_: Any) -> range:
+        """The step indices, in the ``num_inference_steps`` schedule, at which methods applied by the user
+        run: stage 2's last ``hr_steps`` (stage 1 runs them suspended). :func:`diffattn.calibrate` samples
+        its steps among these; other keywords of the call are ignored. Defaults: ``__call__``'s."""
+        import inspect
+
+        params = inspect.signature(type(self).__call__).parameters
+        num = params["num_inference_steps"].default if num_inference_steps is None else num_inference_steps
+        hr = params["hr_steps"].default if hr_steps is None else hr_steps
+        return range(num - min(hr, num), num)
+
     @torch.no_grad()
     def __call__(  # type: ignore[override]
         self,

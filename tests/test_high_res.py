@@ -109,12 +109,13 @@ def test_methods_applied_by_the_user_run_in_stage_2_only(flux):
 
 
 def test_calibrate_reaches_stage_2_only(monkeypatch):
-    """diffattn.calibrate on a HighResPipeline: stage 1's calls are not recorded (every layer ran at the
-    sampled stage-2 steps only), and the result applies to stage 2."""
+    """diffattn.calibrate on a HighResPipeline: the sampled steps are stage 2's (``method_steps``), stage 1's
+    calls are not recorded, and the result applies to stage 2."""
     import diffattn
 
     hr = _highres("digits-dit")
     call = dict(height=64, width=64, lr_height=32, lr_width=32, hr_steps=2, lr_window=4, max_sequence_length=16)
+    assert hr.method_steps(num_inference_steps=3, hr_steps=2) == range(1, 3) and hr.method_steps() == range(10, 28)
     counts = []
     real = diffattn.calibration._Recorder.__exit__
 
@@ -125,7 +126,7 @@ def test_calibrate_reaches_stage_2_only(monkeypatch):
     monkeypatch.setattr(diffattn.calibration._Recorder, "__exit__", count_exit)
     try:
         result = diffattn.calibrate(
-            hr, "hilbert_local", ["a 3"], target=diffattn.Quality(psnr=5.0), num_inference_steps=3, sample_steps=3,
+            hr, "hilbert_local", ["a 3"], target=diffattn.Quality(psnr=5.0), num_inference_steps=6, sample_steps=3,
             candidates=[{"radius": 1, "lr_window": 4}, {"radius": 2, "lr_window": 4}], call_kwargs=call, progress=False,
             max_trials=2,
         )
@@ -133,7 +134,8 @@ def test_calibrate_reaches_stage_2_only(monkeypatch):
         assert "not reached" in str(e) or "dense" in str(e)
     else:
         assert result.layers and result.measured["psnr_db"] > 0
-    # 3 sampled steps 0, 1, 2; stage 2 runs steps 1 and 2 (hr_steps=2), once each (no CFG)
+    # stage 2 runs steps 4 and 5 of 6 (hr_steps=2), once each (no CFG): both sampled, though sampling 3 of
+    # the whole schedule's 6 steps would have hit stage 2 once
     assert counts and (counts[0] == 2).all(), counts
     assert not diffattn.applied(hr)
 
