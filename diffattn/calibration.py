@@ -211,8 +211,11 @@ class CalibrationResult:
 
         Raises:
             ValueError: as :meth:`retarget` for the pipeline; an invalid setting as ``diffattn.apply``.
+            TypeError: a setting that is not a dict.
         """
         rec = self._check_record(pipe)
+        if not isinstance(setting, Mapping):
+            raise TypeError(f"setting must be a dict of options or of per-layer settings, got {setting!r}")
         per_layer = bool(setting) and set(setting) <= set(self.layer_names)
         patch = apply(pipe, self.method, layers=dict(setting)) if per_layer else apply(pipe, self.method, **dict(setting))
         with patch:

@@ -377,6 +377,8 @@ def test_retarget_chooses_again_from_the_same_record(video, one_thread, fixed_co
         got = pipe(prompt="a 3", generator=torch.Generator().manual_seed(0), **kw).frames
     assert first.psnr_of(pipe, CANDS[0]) == pytest.approx(CAL._psnr(got, ref), abs=1e-9)
     assert first.psnr_of(pipe, {n: CANDS[0] for n in first.layer_names}) == pytest.approx(CAL._psnr(got, ref), abs=1e-9)
+    with pytest.raises(TypeError, match="setting must be a dict"):
+        first.psnr_of(pipe, "dense")
     with pytest.warns(UserWarning, match="changes no layer"):
         assert first.psnr_of(pipe, dict.fromkeys(first.layer_names, "dense")) == 100.0
     with pytest.raises(ValueError, match="the pipeline this result was calibrated on"):
