@@ -187,10 +187,8 @@ class CalibrationResult:
             TypeError: a target that is not :class:`Quality` / :class:`Speed`.
         """
         rec = self._check_record(pipe)
-        if not isinstance(target, (Quality, Speed)):
-            raise TypeError(f"target must be diffattn.Quality(psnr=...) or diffattn.Speed(x=...), got {target!r}")
-        if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
-            raise ValueError(f"max_trials must be an integer >= 1, got {max_trials!r}")
+        _check_target(target)
+        _check_positive_int("max_trials", max_trials)
         held_out = rec.held_out if held_out_seeds is None else _seed_list("held_out_seeds", held_out_seeds)
         if set(held_out) & {s for _, s in rec.runs}:
             raise ValueError("held_out_seeds must differ from the calibration seeds (verification on unseen seeds)")
@@ -324,10 +322,9 @@ def _check_inputs(
     if set(out_seeds[0]) & set(out_seeds[1]):
         raise ValueError(f"held_out_seeds must differ from seeds (verification on unseen seeds); both hold {sorted(set(out_seeds[0]) & set(out_seeds[1]))}")
     for name, value in (("num_inference_steps", num_inference_steps), ("sample_steps", sample_steps), ("max_trials", max_trials)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if not isinstance(target, (Quality, Speed)):
-        raise TypeError(f"target must be diffattn.Quality(psnr=...) or diffattn.Speed(x=...), got {target!r}")
+        if value is not None:
+            _check_positive_int(name, value)
+    _check_target(target)
     if candidates is None:
         candidates = default_candidates(pipe, method)
     if not isinstance(candidates, Sequence) or not candidates or not all(isinstance(c, Mapping) and c for c in candidates):
@@ -335,6 +332,16 @@ def _check_inputs(
     for c in candidates:
         spec.build_config(dict(c))  # an unknown option / bad value fails here, before any work
     return list(prompts), out_seeds[0], out_seeds[1], [dict(c) for c in candidates]
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_target(target: Any) -> None:
+    if not isinstance(target, (Quality, Speed)):
+        raise TypeError(f"target must be diffattn.Quality(psnr=...) or diffattn.Speed(x=...), got {target!r}")
 
 
 def _seed_list(name: str, value: Any) -> list[int]:

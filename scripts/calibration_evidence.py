@@ -158,6 +158,14 @@ def main() -> None:
         p.error("--samples must be >= 2, --calibration-prompts and --threads >= 1")
     torch.set_num_threads(args.threads)
     pipe = models.load(args.model)
+    # candidates and --uniform are checked before any expensive work (the bridge training, the draws)
+    cands = CANDIDATES.get((args.model, args.method)) or default_candidates(pipe, args.method)
+    if args.candidate:
+        from diffattn.cli import _options
+
+        cands = [_options([kv for kv in text.split(",") if kv]) for text in args.candidate]
+    if args.uniform and not all(0 <= j < len(cands) for j in args.uniform):
+        p.error(f"--uniform must index the {len(cands)} candidates (0..{len(cands) - 1}), got {args.uniform}")
     call = {**models.default_call_kwargs(args.model), "output_type": "np"}
     if args.steps is not None:
         call["num_inference_steps"] = args.steps
@@ -187,13 +195,6 @@ def main() -> None:
                     hr_steps=args.hr_steps)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     video = "num_frames" in call
-    cands = CANDIDATES.get((args.model, args.method)) or default_candidates(pipe, args.method)
-    if args.candidate:
-        from diffattn.cli import _options
-
-        cands = [_options([kv for kv in text.split(",") if kv]) for text in args.candidate]
-    if args.uniform and not all(0 <= j < len(cands) for j in args.uniform):
-        p.error(f"--uniform must index the {len(cands)} candidates (0..{len(cands) - 1}), got {args.uniform}")
     seeds = [1000 + i for i in range(args.samples)]
     labels = [i % 10 for i in range(args.samples)]
     clf = load_classifier()
